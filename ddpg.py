@@ -1,0 +1,192 @@
+"""DDPG machinery: networks and their targets, torch-style Adam, exploration noise, the compiled update, save/load.
+
+The action selection (acting and the target action of the update) is left to a subclass, the
+Wolpertinger agent; everything here is independent of how actions are chosen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor, TinyJit
+from tinygrad.dtype import _to_np_dtype
+
+from memory import ReplayMemory
+from model import Actor, Critic, FlatParams
+from util import load_tensors, save_tensors
+
+NETWORKS = ("actor", "critic", "actor_target", "critic_target")
+
+
+@dataclass
+class DDPGConfig:
+    """Hyper-parameters with the reference's defaults."""
+    hidden1: int = 256
+    hidden2: int = 128
+    init_w: float = 3e-3
+    c_lr: float = 1e-3
+    p_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    gamma: float = 0.99
+    tau: float = 1e-3
+    batch_size: int = 64
+    ou_theta: float = 0.15
+    ou_sigma: float = 0.2
+    ou_mu: float = 0.0
+    epsilon: float = 80000
+
+
+def realized_zeros(*shape: int) -> Tensor:
+    """A realised float32 buffer to write host data into (see `write`)."""
+    return Tensor.zeros(*shape).contiguous().realize()
+
+
+def write(buffer: Tensor, array: np.ndarray) -> None:
+    """Copy a numpy array into a realised tensor's memory in place (no new Tensor, no graph)."""
+    buf = buffer.uop.buffer.ensure_allocated()
+    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array, np.float32)).cast("B"))
+
+
+def read(tensor: Tensor) -> np.ndarray:
+    """A realised tensor's values as a numpy array (cheaper than Tensor.numpy per call)."""
+    buf = tensor.uop.buffer
+    out = np.empty(tensor.shape, _to_np_dtype(tensor.dtype))
+    buf.allocator.dev.synchronize()
+    buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
+    return out
+
+
+class Adam:
+    """torch.optim.Adam for one flat parameter buffer: the L2 penalty is added to the gradient (not AdamW)."""
+
+    def __init__(self, params: FlatParams, lr: float, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
+                 eps: float = 1e-8):
+        self.params, self.lr, self.weight_decay, self.b1, self.b2, self.eps = params, lr, weight_decay, b1, b2, eps
+        self.m = Tensor.zeros_like(params.flat).contiguous().realize()
+        self.v = Tensor.zeros_like(params.flat).contiguous().realize()
+        self.t = realized_zeros(1)
+
+    def step(self, loss: Tensor) -> list[Tensor]:
+        """Schedule one step on `loss`; returns the tensors to realise."""
+        p = self.params.flat
+        g = loss.gradient(p)[0] + self.weight_decay * p.detach()
+        self.t.assign(self.t + 1)
+        self.m.assign(self.b1 * self.m + (1 - self.b1) * g)
+        self.v.assign(self.b2 * self.v + (1 - self.b2) * g * g)
+        m_hat = self.m / (1 - self.b1 ** self.t)
+        v_hat = self.v / (1 - self.b2 ** self.t)
+        p.assign(p.detach() - self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        return [p, self.m, self.v, self.t]
+
+
+class OrnsteinUhlenbeck:
+    """Ornstein-Uhlenbeck process (dt 0.01, x0 0) as in keras-rl, reset at the start of each episode."""
+
+    def __init__(self, size: int, theta: float, sigma: float, mu: float, rng: np.random.Generator, dt: float = 1e-2):
+        self.size, self.theta, self.sigma, self.mu, self.rng, self.dt = size, theta, sigma, mu, rng, dt
+        self.reset()
+
+    def reset(self) -> None:
+        self.x = np.zeros(self.size)
+
+    def sample(self) -> np.ndarray:
+        self.x = self.x + self.theta * (self.mu - self.x) * self.dt + \
+            self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(self.size)
+        return self.x
+
+
+class DDPG:
+    """Actor-critic with target networks; `update` runs one compiled step on a replay minibatch.
+
+    A subclass provides `_target_actions(next_states, *target_inputs)` (the action a' in the target
+    y = r + gamma * (1 - terminated) * Q'(s', a')) and `_prepare_target_inputs(next_states)`, which
+    fills the extra graph inputs that the target action needs from the next-state buffer.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int, cfg: DDPGConfig, rng: np.random.Generator):
+        self.state_dim, self.action_dim, self.cfg, self.rng = state_dim, action_dim, cfg, rng
+        dims = (state_dim, action_dim, cfg.hidden1, cfg.hidden2, cfg.init_w)
+        self.actor, self.critic = Actor(*dims), Critic(*dims)
+        self.actor_target, self.critic_target = self.actor.clone(), self.critic.clone()
+        self.actor_optim = Adam(self.actor, cfg.p_lr, cfg.weight_decay)
+        self.critic_optim = Adam(self.critic, cfg.c_lr, cfg.weight_decay)
+        self.noise = OrnsteinUhlenbeck(action_dim, cfg.ou_theta, cfg.ou_sigma, cfg.ou_mu, rng)
+        self.epsilon = 1.0
+        b = cfg.batch_size
+        self.batch = [realized_zeros(b, state_dim), realized_zeros(b, action_dim), realized_zeros(b),
+                      realized_zeros(b, state_dim), realized_zeros(b)]
+        self.target_inputs: list[Tensor] = []
+        self._update = TinyJit(self._update_graph)
+
+    # --- exploration -----------------------------------------------------------------------------------------
+    def exploration_noise(self) -> np.ndarray:
+        """OU noise scaled by epsilon, which decays linearly from 1 to 0 over `cfg.epsilon` calls."""
+        scale = max(self.epsilon, 0.0)
+        self.epsilon -= 1.0 / self.cfg.epsilon
+        return scale * self.noise.sample()
+
+    def reset_noise(self) -> None:
+        self.noise.reset()
+
+    # --- learning --------------------------------------------------------------------------------------------
+    def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _prepare_target_inputs(self, next_states: Tensor) -> None:
+        raise NotImplementedError
+
+    def _update_graph(self, states: Tensor, actions: Tensor, rewards: Tensor, next_states: Tensor,
+                      terminated: Tensor, *target_inputs: Tensor) -> Tensor:
+        cfg = self.cfg
+        next_actions = self._target_actions(next_states, *target_inputs).detach()
+        q_next = self.critic_target(next_states, next_actions)
+        y = (rewards + cfg.gamma * (1 - terminated) * q_next).detach()
+        critic_loss = ((self.critic(states, actions) - y) ** 2).mean()
+        Tensor.realize(critic_loss, *self.critic_optim.step(critic_loss))
+        # the actor follows the critic just updated, as in the reference
+        actor_loss = -self.critic(states, self.actor(states)).mean()
+        Tensor.realize(actor_loss, *self.actor_optim.step(actor_loss))
+        for target, online in ((self.actor_target, self.actor), (self.critic_target, self.critic)):
+            target.flat.assign(cfg.tau * online.flat + (1 - cfg.tau) * target.flat)
+        return Tensor.stack(critic_loss, actor_loss).realize(self.actor_target.flat, self.critic_target.flat)
+
+    def update(self, memory: ReplayMemory) -> np.ndarray:
+        """One DDPG update on a fresh minibatch; returns (critic loss, actor loss)."""
+        sample = memory.sample(self.cfg.batch_size, self.rng)
+        for buffer, array in zip(self.batch, sample):
+            write(buffer, array)
+        self._prepare_target_inputs(self.batch[3])
+        return read(self._update(*self.batch, *self.target_inputs))
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def networks(self) -> dict[str, FlatParams]:
+        return {name: getattr(self, name) for name in NETWORKS}
+
+    def save(self, folder: Path) -> None:
+        """Write actor, critic and both targets as safetensors files in `folder` (each written atomically)."""
+        for name, net in self.networks().items():
+            save_tensors(folder / f"{name}.safetensors", net.state_dict())
+
+    def load(self, folder: Path) -> None:
+        """Load weights written by `save` into the existing buffers, so compiled graphs see them.
+
+        A folder without target files (weights from elsewhere) starts the targets from the online nets.
+        Raises ValueError naming the file when one is missing, unreadable or of the wrong shape.
+        """
+        folder = Path(folder)
+        for name in ("actor", "critic"):
+            self._load_one(folder / f"{name}.safetensors", getattr(self, name))
+        for name, online in (("actor_target", self.actor), ("critic_target", self.critic)):
+            path = folder / f"{name}.safetensors"
+            if path.exists():
+                self._load_one(path, getattr(self, name))
+            else:
+                getattr(self, name).copy_from(online)
+
+    @staticmethod
+    def _load_one(path: Path, net: FlatParams) -> None:
+        try:
+            net.load_state_dict(load_tensors(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None

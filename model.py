@@ -1,0 +1,138 @@
+"""Actor and critic networks in tinygrad, each holding all its parameters in one flat buffer.
+
+A flat buffer lets the optimiser, the soft target update and checkpoint loading touch a whole
+network in a handful of kernels; the layers read shaped views of it.
+"""
+from __future__ import annotations
+
+import math
+
+from tinygrad import Tensor, dtypes
+
+
+class FlatParams:
+    """Named parameter tensors stored back to back in one realised float32 buffer `flat`."""
+
+    def __init__(self, init: dict[str, Tensor]):
+        self.shapes = {name: tuple(t.shape) for name, t in init.items()}
+        self.offsets, start = {}, 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = (start, start + math.prod(shape))
+            start += math.prod(shape)
+        self.flat = Tensor.cat(*[t.flatten() for t in init.values()]).cast(dtypes.float32).contiguous().realize()
+
+    def view(self, name: str, flat: Tensor | None = None) -> Tensor:
+        """The parameter `name` as a shaped view of `flat` (default: this net's own buffer)."""
+        lo, hi = self.offsets[name]
+        return (self.flat if flat is None else flat)[lo:hi].reshape(self.shapes[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: self.view(name).contiguous() for name in self.shapes}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy `state` into the existing buffer, so compiled graphs that read it see the new values."""
+        if set(state) != set(self.shapes):
+            raise ValueError(f"expected tensors {sorted(self.shapes)}, found {sorted(state)}")
+        for name, shape in self.shapes.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}, expected {shape}")
+        self.flat.assign(Tensor.cat(*[state[n].to(self.flat.device).cast(dtypes.float32).flatten() for n in self.shapes])).realize()
+
+    def copy_from(self, other: FlatParams) -> None:
+        self.flat.assign(other.flat).realize()
+
+
+def _uniform(shape: tuple[int, ...], bound: float) -> Tensor:
+    return Tensor.uniform(*shape, low=-bound, high=bound)
+
+
+def _linear_init(n_in: int, n_out: int, weight_bound: float) -> tuple[Tensor, Tensor]:
+    """Weight in torch layout (out, in) within +-weight_bound; bias with torch's default +-1/sqrt(in)."""
+    return _uniform((n_out, n_in), weight_bound), _uniform((n_out,), 1 / math.sqrt(n_in))
+
+
+def _hidden_bound(n_out: int) -> float:
+    # The reference's fanin_init took size[0] of the torch weight, i.e. the OUT features; kept for parity.
+    return 1 / math.sqrt(n_out)
+
+
+class Actor(FlatParams):
+    """state -> proto-action in (-1, 1)^action_dim: two ReLU layers and a softsign output."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden1: int = 256, hidden2: int = 128, init_w: float = 3e-3):
+        w1, b1 = _linear_init(state_dim, hidden1, _hidden_bound(hidden1))
+        w2, b2 = _linear_init(hidden1, hidden2, _hidden_bound(hidden2))
+        w3, b3 = _linear_init(hidden2, action_dim, init_w)
+        super().__init__({"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2,
+                          "fc3.weight": w3, "fc3.bias": b3})
+        self.dims = (state_dim, action_dim, hidden1, hidden2, init_w)
+
+    def __call__(self, states: Tensor, flat: Tensor | None = None) -> Tensor:
+        v = lambda name: self.view(name, flat)
+        x = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
+        x = x.linear(v("fc2.weight").T, v("fc2.bias")).relu()
+        return x.linear(v("fc3.weight").T, v("fc3.bias")).softsign()
+
+    def clone(self) -> Actor:
+        twin = Actor(*self.dims)
+        twin.copy_from(self)
+        return twin
+
+
+class Critic(FlatParams):
+    """Q(s, a) = fc3(relu(fc2([relu(fc1(s)), a]))), the action joining at the second layer.
+
+    Because the action enters linearly at fc2, fc2's weight splits into a state part and an action
+    part: `score` runs the state part once per state and only the action part per candidate.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int, hidden1: int = 256, hidden2: int = 128, init_w: float = 3e-3):
+        w1, b1 = _linear_init(state_dim, hidden1, _hidden_bound(hidden1))
+        w2, b2 = _linear_init(hidden1 + action_dim, hidden2, _hidden_bound(hidden2))
+        w3, b3 = _linear_init(hidden2, 1, init_w)
+        super().__init__({"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2,
+                          "fc3.weight": w3, "fc3.bias": b3})
+        self.dims = (state_dim, action_dim, hidden1, hidden2, init_w)
+
+    def clone(self) -> Critic:
+        twin = Critic(*self.dims)
+        twin.copy_from(self)
+        return twin
+
+    def __call__(self, states: Tensor, actions: Tensor, flat: Tensor | None = None) -> Tensor:
+        """Q values, shape (batch,), for states (batch, state_dim) and actions (batch, action_dim)."""
+        v = lambda name: self.view(name, flat)
+        h = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
+        x = h.cat(actions, dim=1).linear(v("fc2.weight").T, v("fc2.bias")).relu()
+        return x.linear(v("fc3.weight").T, v("fc3.bias"))[:, 0]
+
+    def _state_part(self, states: Tensor, flat: Tensor | None) -> Tensor:
+        """fc2's pre-activation without the action term, shape (batch, hidden2)."""
+        v = lambda name: self.view(name, flat)
+        hidden1 = self.dims[2]
+        h = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
+        return h.linear(v("fc2.weight")[:, :hidden1].T, v("fc2.bias"))
+
+    def score(self, states: Tensor, candidates: Tensor, flat: Tensor | None = None) -> Tensor:
+        """Q of every candidate action for its own state: states (B, S), candidates (B, K, A) -> (B, K)."""
+        v = lambda name: self.view(name, flat)
+        hidden1 = self.dims[2]
+        base = self._state_part(states, flat)
+        pre = base.unsqueeze(1) + candidates.matmul(v("fc2.weight")[:, hidden1:].T)
+        return pre.relu().matmul(v("fc3.weight")[0]) + v("fc3.bias")[0]
+
+    def score_full(self, states: Tensor, candidates: Tensor, flat: Tensor | None = None) -> Tensor:
+        """`score` computed the plain way: the whole critic over B*K (state, candidate) rows."""
+        batch, k, action_dim = candidates.shape
+        rows = states.unsqueeze(1).expand(batch, k, states.shape[1]).reshape(batch * k, -1)
+        return self(rows, candidates.reshape(batch * k, action_dim), flat).reshape(batch, k)
+
+    def kinks(self, states: Tensor, flat: Tensor | None = None) -> Tensor:
+        """For a 1-d action: the action value at which each fc2 unit crosses zero, shape (B, hidden2).
+
+        Q(s, .) is linear between consecutive kinks, so its maximum over an interval of actions lies
+        at the interval's ends or beside a kink. Units with a zero action weight never cross (inf).
+        """
+        w_action = self.view("fc2.weight", flat)[:, self.dims[2]]
+        safe = (w_action == 0).where(1.0, w_action)
+        return (w_action == 0).where(float("inf"), -self._state_part(states, flat) / safe)

@@ -1,0 +1,126 @@
+"""Run folders, the reference-format log, the metrics CSV, reward-curve plots and checkpoint files.
+
+Every file that is rewritten (checkpoints, plots) goes to a temporary name first and is renamed into
+place, so an interrupted write never leaves a half-written file; logs are appended line by line.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+METRICS_FIELDS = ("episode", "env_steps", "return", "wall_seconds", "eval_return")
+
+
+def env_folder_name(env_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", env_id)
+
+
+def new_run_dir(output_root: Path, env_id: str) -> Path:
+    """Create and return output_root/<env>-run<N>, N one more than the highest existing run; never reuses one."""
+    output_root.mkdir(parents=True, exist_ok=True)
+    prefix = f"{env_folder_name(env_id)}-run"
+    taken = [int(m.group(1)) for p in output_root.iterdir() if (m := re.fullmatch(re.escape(prefix) + r"(\d+)", p.name))]
+    n = max(taken, default=0) + 1
+    while True:
+        try:
+            (run_dir := output_root / f"{prefix}{n}").mkdir()
+            return run_dir
+        except FileExistsError:  # another run took this number meanwhile
+            n += 1
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path), then rename the temporary file onto `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_tensors(path: Path, tensors: dict) -> None:
+    from tinygrad.nn.state import safe_save
+    write_atomically(path, lambda tmp: safe_save(tensors, str(tmp)))
+
+
+def load_tensors(path: Path) -> dict:
+    """Tensors of a safetensors file, realised on the default device; ValueError if missing or unreadable."""
+    from tinygrad import Device
+    from tinygrad.nn.state import safe_load
+    if not path.is_file():
+        raise ValueError("file not found")
+    try:
+        return {name: t.to(Device.DEFAULT).realize() for name, t in safe_load(path).items()}
+    except Exception as e:  # a corrupt file fails in many ways inside the parser
+        raise ValueError(f"not a readable safetensors file ({type(e).__name__})") from None
+
+
+class RunLog:
+    """RS_train_log / RS_test_log in the reference's format, plus the metrics CSV beside it."""
+
+    def __init__(self, run_dir: Path, mode: str, arguments: dict):
+        self.log_path, self.csv_path = run_dir / f"RS_{mode}_log", run_dir / "metrics.csv"
+        self._log = open(self.log_path, "w", buffering=1)
+        for name, value in arguments.items():
+            self._log.write(f"{name}: {value}\n")
+        self._csv_file = open(self.csv_path, "w", newline="", buffering=1)
+        self._csv = csv.writer(self._csv_file)
+        self._csv.writerow(METRICS_FIELDS)
+
+    def line(self, text: str) -> None:
+        self._log.write(text + "\n")
+
+    def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None = None):
+        self.line(f"Ep:{episode} | R:{ret:.2f}")
+        self._csv.writerow([episode, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
+                            "" if eval_return is None else f"{eval_return:.4f}"])
+
+    def close(self) -> None:
+        self._log.close()
+        self._csv_file.close()
+
+
+def read_metrics(csv_path: Path) -> dict[str, np.ndarray]:
+    """Columns of a metrics CSV as float arrays (missing evaluation entries are NaN)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {name: np.array([float(r[name]) if r.get(name) else np.nan for r in rows]) for name in METRICS_FIELDS}
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    sums = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    return (sums[idx] - sums[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
+
+
+def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, title: str, window: int = 20) -> None:
+    """Reward curves of one or more runs on one figure: episode returns, their moving average, evaluations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = list(runs)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (label, m) in enumerate(runs):
+        color = f"C{i}"
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        if len(runs) == 1:
+            ax.plot(m["episode"], m["return"], color=color, alpha=0.3, lw=0.8, label="episode return")
+        ax.plot(m["episode"], moving_average(m["return"], window), color=color, lw=2,
+                label=f"{prefix}moving average ({window} episodes)")
+        evaluated = ~np.isnan(m["eval_return"])
+        if evaluated.any():
+            ax.plot(m["episode"][evaluated], m["eval_return"][evaluated], "o--", color=color, ms=4, lw=1,
+                    mfc="white", label=f"{prefix}evaluation (no noise)")
+    ax.set(xlabel="episode", ylabel="return", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""The Wolpertinger agent: the actor's proto-action, its k nearest actions, the critic's best of those k.
+
+Two ways to reach the k candidates, both exact and both scoring every candidate with its own state:
+- 1-d lattice (Pendulum, any Discrete env): the k nearest grid points form a window of indices
+  computed inside the compiled graph. Q(s, .) is piecewise linear in a 1-d action, so beyond
+  2 * hidden2 + 2 candidates only the window's ends and the grid points beside the critic's kinks
+  can hold the maximum; those are all that is scored.
+- otherwise (d > 1, or --knn flann): GridActionSpace.search in numpy fills a candidate buffer that
+  the compiled graphs score.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tinygrad import Tensor, TinyJit
+
+from action_space import GridActionSpace
+from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
+from model import Critic
+
+SCORINGS = ("factored", "full")
+
+
+class WolpertingerAgent(DDPG):
+    def __init__(self, state_dim: int, space: GridActionSpace, k: int, cfg: DDPGConfig, rng: np.random.Generator,
+                 scoring: str = "factored"):
+        if not 1 <= k <= space.n:
+            raise ValueError(f"k = {k} must lie between 1 and the number of actions, {space.n}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        super().__init__(state_dim, space.dim, cfg, rng)
+        self.space, self.k, self.scoring = space, k, scoring
+        # a window of float indices is exact up to 2**24 points
+        self.in_graph_window = space.dim == 1 and space.knn == "lattice" and 1 < space.n < 2 ** 24
+        self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
+        if self.in_graph_window:
+            self.target_inputs = []
+            self._act = TinyJit(self._act_window_graph)
+        else:
+            self.act_candidates = realized_zeros(1, k, space.dim)
+            self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim)]
+            self._proto = TinyJit(self._proto_graph)
+            self._target_proto = TinyJit(self._target_proto_graph)
+            self._best = TinyJit(self._best_graph)
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    def _score(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """Online-critic Q of each candidate with its own state: (B, S), (B, K, A) -> (B, K)."""
+        return (self.critic.score if self.scoring == "factored" else self.critic.score_full)(states, candidates)
+
+    def _best_candidate(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """Position (B,) of the online critic's best candidate of each state."""
+        return self._score(states, candidates).argmax(1)
+
+    def _window_best(self, states: Tensor, protos: Tensor) -> Tensor:
+        """Float grid index (B,) of the best of the k grid points nearest to each 1-d proto-action."""
+        n, k, step = self.space.n, self.k, self.space.step
+        lo = ((protos[:, 0] + 1) / step - k / 2).ceil().clip(0, n - k).unsqueeze(1)    # window [lo, lo + k - 1]
+        hi = lo + (k - 1)
+        if k <= 2 * self.cfg.hidden2 + 2:
+            indices = lo + Tensor.arange(k).unsqueeze(0)
+        else:
+            kinks = ((self.critic.kinks(states) + 1) / step).clip(lo, hi).floor()
+            indices = Tensor.cat(lo, hi, kinks, (kinks + 1).clip(lo, hi), dim=1)
+        best = self._best_candidate(states, (indices * step - 1).unsqueeze(2))
+        return indices.gather(1, best.unsqueeze(1))[:, 0]
+
+    # --- compiled graphs -------------------------------------------------------------------------------------
+    def _proto_of(self, state: Tensor, noise: Tensor) -> Tensor:
+        return (self.actor(state) + noise).clip(-1, 1)
+
+    def _act_window_graph(self, state: Tensor, noise: Tensor) -> Tensor:
+        return self._window_best(state, self._proto_of(state, noise)).realize()
+
+    def _proto_graph(self, state: Tensor, noise: Tensor) -> Tensor:
+        return self._proto_of(state, noise).realize()
+
+    def _target_proto_graph(self, next_states: Tensor) -> Tensor:
+        return self.actor_target(next_states).clip(-1, 1).realize()
+
+    def _best_graph(self, state: Tensor, candidates: Tensor) -> Tensor:
+        return self._best_candidate(state, candidates).realize()
+
+    def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
+        protos = self.actor_target(next_states).clip(-1, 1)
+        if self.in_graph_window:
+            return self._window_best(next_states, protos).unsqueeze(1) * self.space.step - 1
+        candidates, = target_inputs
+        best = self._best_candidate(next_states, candidates)
+        return candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0]
+
+    def _prepare_target_inputs(self, next_states: Tensor) -> None:
+        if not self.in_graph_window:
+            protos = read(self._target_proto(next_states))
+            write(self.target_inputs[0], self.space.points(self.space.search(protos, self.k)))
+
+    # --- acting ----------------------------------------------------------------------------------------------
+    def random_action(self) -> int:
+        """Warm-up: a uniform random proto-action snapped to its nearest grid point."""
+        return int(self.space.nearest(self.rng.uniform(-1, 1, (1, self.space.dim)))[0])
+
+    def select_action(self, state: np.ndarray, explore: bool = True) -> int:
+        """Index of the action to play: the best of the k neighbours of actor(s) (+ decaying OU noise)."""
+        write(self.state_in, state)
+        write(self.noise_in, self.exploration_noise() if explore else np.zeros(self.space.dim))
+        if self.in_graph_window:
+            return int(read(self._act(self.state_in, self.noise_in))[0])
+        neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
+        write(self.act_candidates, self.space.points(neighbours))
+        return int(neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])])
