@@ -30,7 +30,7 @@ class GridActionSpace:
         self.low, self.high, self.discrete_start = low, high, discrete_start
         self.step = 2.0 / (points_per_axis - 1) if points_per_axis > 1 else 0.0
         self.knn = "lattice" if knn == "auto" else knn
-        self._flann = None
+        self._flann = {}
 
     @classmethod
     def continuous(cls, low, high, max_actions: int, knn: str = "auto") -> GridActionSpace:
@@ -67,13 +67,14 @@ class GridActionSpace:
         protos = np.clip(np.asarray(protos, np.float64).reshape(-1, self.dim), -1.0, 1.0)
         return self._flann_search(protos, k) if self.knn == "flann" else self._lattice_search(protos, k)
 
-    def _flann_search(self, protos: np.ndarray, k: int, checks: int = 32) -> np.ndarray:
-        """FLANN kd-tree search over all grid points, as the reference did (approximate unless checks=-1)."""
-        if self._flann is None:
+    def _flann_search(self, protos: np.ndarray, k: int, exact: bool = False) -> np.ndarray:
+        """FLANN search over all grid points: the reference's kd-tree (approximate), or FLANN's exact linear scan."""
+        algorithm = "linear" if exact else "kdtree"
+        if algorithm not in self._flann:
             import pyflann
-            self._flann = pyflann.FLANN()
-            self._flann.build_index(self.points(np.arange(self.n)).astype(np.float64), algorithm="kdtree")
-        indices, _ = self._flann.nn_index(protos, k, checks=checks)
+            self._flann[algorithm] = pyflann.FLANN()
+            self._flann[algorithm].build_index(self.points(np.arange(self.n)).astype(np.float64), algorithm=algorithm)
+        indices, _ = self._flann[algorithm].nn_index(protos, k)
         return np.asarray(indices, np.int64).reshape(len(protos), k)
 
     def _lattice_search(self, protos: np.ndarray, k: int) -> np.ndarray:

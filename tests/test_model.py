@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+from tinygrad import Tensor
+
+from model import Actor, Critic
+
+S, A, H1, H2 = 3, 2, 256, 128
+
+
+@pytest.fixture(scope="module")
+def nets():
+    Tensor.manual_seed(0)
+    return Actor(S, A, H1, H2, 3e-3), Critic(S, A, H1, H2, 3e-3)
+
+
+def test_shapes(nets):
+    actor, critic = nets
+    states, actions = Tensor.randn(5, S), Tensor.randn(5, A)
+    assert actor(states).shape == (5, A)
+    assert critic(states, actions).shape == (5,)
+    assert critic.score(states, Tensor.randn(5, 7, A)).shape == (5, 7)
+    assert critic.view("fc2.weight").shape == (H2, H1 + A)
+
+
+def test_init_ranges(nets):
+    actor, critic = nets
+    # hidden weights within +-1/sqrt(out features) (the reference's fanin_init), last layer within init_w,
+    # biases within torch's default +-1/sqrt(in features)
+    bounds = {"fc1.weight": 1 / math.sqrt(H1), "fc2.weight": 1 / math.sqrt(H2), "fc3.weight": 3e-3}
+    for net, fc2_in in ((actor, H1), (critic, H1 + A)):
+        bias_bounds = {"fc1.bias": 1 / math.sqrt(S), "fc2.bias": 1 / math.sqrt(fc2_in), "fc3.bias": 1 / math.sqrt(H2)}
+        for name, bound in {**bounds, **bias_bounds}.items():
+            values = net.view(name).numpy()
+            assert np.abs(values).max() <= bound
+            if values.size >= 100:  # it spans the range, not a narrower one
+                assert np.abs(values).max() > 0.9 * bound and abs(values.mean()) < 0.25 * bound
+
+
+def test_actor_output_is_bounded(nets):
+    actor, _ = nets
+    out = actor(Tensor.randn(64, S) * 1000).numpy()
+    assert np.all(np.abs(out) < 1)
+
+
+def test_factored_score_equals_plain_critic(nets):
+    _, critic = nets
+    states, candidates = Tensor.randn(16, S), Tensor.uniform(16, 300, A, low=-1, high=1)
+    fast, plain = critic.score(states, candidates).numpy(), critic.score_full(states, candidates).numpy()
+    assert np.abs(fast - plain).max() < 1e-5
+    # and the plain critic scores candidate j of state b with state b itself
+    b, j = 11, 123
+    single = critic(states[b:b + 1], candidates[b, j:j + 1]).numpy()[0]
+    assert single == pytest.approx(plain[b, j], abs=1e-6)
+
+
+def test_q_is_linear_between_kinks():
+    Tensor.manual_seed(1)
+    critic = Critic(S, 1, 32, 16)
+    state = Tensor.randn(1, S)
+    kinks = np.sort(critic.kinks(state).numpy()[0])
+    inside = kinks[np.abs(kinks) < 5]
+    # Q at many points between two neighbouring kinks lies on one straight line; across a kink it bends
+    lo, hi = (inside[0], inside[1]) if len(inside) > 1 else (inside[0], inside[0] + 1)
+    xs = np.linspace(lo, hi, 9)[1:-1]
+    q = critic.score(state, Tensor(xs.reshape(1, -1, 1).astype(np.float32))).numpy()[0]
+    assert np.abs(np.diff(q, 2)).max() < 1e-5
+    hidden = np.maximum(critic._state_part(state, None).numpy()[0][:, None]
+                        + critic.view("fc2.weight").numpy()[:, 32:33] * xs[None], 0)
+    assert np.allclose(q, critic.view("fc3.weight").numpy()[0] @ hidden + critic.view("fc3.bias").numpy()[0], atol=1e-5)
