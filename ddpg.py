@@ -67,10 +67,11 @@ class Adam:
         self.v = Tensor.zeros_like(params.flat).contiguous().realize()
         self.t = realized_zeros(1)
 
-    def step(self, loss: Tensor) -> list[Tensor]:
-        """Schedule one step on `loss`; returns the tensors to realise."""
+    def step(self, loss: Tensor, views: dict[str, Tensor]) -> list[Tensor]:
+        """Schedule one step on `loss`, computed with `views` (from params.views()); returns what to realise."""
         p = self.params.flat
-        g = loss.gradient(p)[0] + self.weight_decay * p.detach()
+        grads = loss.gradient(*views.values())
+        g = Tensor.cat(*[grad.contiguous().flatten() for grad in grads]) + self.weight_decay * p.detach()
         self.t.assign(self.t + 1)
         self.m.assign(self.b1 * self.m + (1 - self.b1) * g)
         self.v.assign(self.b2 * self.v + (1 - self.b2) * g * g)
@@ -142,11 +143,13 @@ class DDPG:
         next_actions = self._target_actions(next_states, *target_inputs).detach()
         q_next = self.critic_target(next_states, next_actions)
         y = (rewards + cfg.gamma * (1 - terminated) * q_next).detach()
-        critic_loss = ((self.critic(states, actions) - y) ** 2).mean()
-        Tensor.realize(critic_loss, *self.critic_optim.step(critic_loss))
+        critic_params = self.critic.views()
+        critic_loss = ((self.critic(states, actions, critic_params) - y) ** 2).mean()
+        Tensor.realize(critic_loss, *self.critic_optim.step(critic_loss, critic_params))
         # the actor follows the critic just updated, as in the reference
-        actor_loss = -self.critic(states, self.actor(states)).mean()
-        Tensor.realize(actor_loss, *self.actor_optim.step(actor_loss))
+        actor_params = self.actor.views()
+        actor_loss = -self.critic(states, self.actor(states, actor_params)).mean()
+        Tensor.realize(actor_loss, *self.actor_optim.step(actor_loss, actor_params))
         for target, online in ((self.actor_target, self.actor), (self.critic_target, self.critic)):
             target.flat.assign(cfg.tau * online.flat + (1 - cfg.tau) * target.flat)
         return Tensor.stack(critic_loss, actor_loss).realize(self.actor_target.flat, self.critic_target.flat)

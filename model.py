@@ -21,13 +21,18 @@ class FlatParams:
             start += math.prod(shape)
         self.flat = Tensor.cat(*[t.flatten() for t in init.values()]).cast(dtypes.float32).contiguous().realize()
 
-    def view(self, name: str, flat: Tensor | None = None) -> Tensor:
-        """The parameter `name` as a shaped view of `flat` (default: this net's own buffer)."""
+    def view(self, name: str) -> Tensor:
+        """The parameter `name` as a shaped view of the flat buffer."""
         lo, hi = self.offsets[name]
-        return (self.flat if flat is None else flat)[lo:hi].reshape(self.shapes[name])
+        return self.flat[lo:hi].reshape(self.shapes[name])
+
+    def views(self) -> dict[str, Tensor]:
+        """All parameters as views. Differentiate a loss with respect to these, not to `flat`: the gradient
+        of a slice is a padded tensor, and summing six padded gradients costs far more than joining six."""
+        return {name: self.view(name) for name in self.shapes}
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {name: self.view(name).contiguous() for name in self.shapes}
+        return {name: view.contiguous() for name, view in self.views().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy `state` into the existing buffer, so compiled graphs that read it see the new values."""
@@ -67,11 +72,11 @@ class Actor(FlatParams):
                           "fc3.weight": w3, "fc3.bias": b3})
         self.dims = (state_dim, action_dim, hidden1, hidden2, init_w)
 
-    def __call__(self, states: Tensor, flat: Tensor | None = None) -> Tensor:
-        v = lambda name: self.view(name, flat)
-        x = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
-        x = x.linear(v("fc2.weight").T, v("fc2.bias")).relu()
-        return x.linear(v("fc3.weight").T, v("fc3.bias")).softsign()
+    def __call__(self, states: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
+        p = params or self.views()
+        x = states.linear(p["fc1.weight"].T, p["fc1.bias"]).relu()
+        x = x.linear(p["fc2.weight"].T, p["fc2.bias"]).relu()
+        return x.linear(p["fc3.weight"].T, p["fc3.bias"]).softsign()
 
     def clone(self) -> Actor:
         twin = Actor(*self.dims)
@@ -99,40 +104,37 @@ class Critic(FlatParams):
         twin.copy_from(self)
         return twin
 
-    def __call__(self, states: Tensor, actions: Tensor, flat: Tensor | None = None) -> Tensor:
+    def __call__(self, states: Tensor, actions: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Q values, shape (batch,), for states (batch, state_dim) and actions (batch, action_dim)."""
-        v = lambda name: self.view(name, flat)
-        h = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
-        x = h.cat(actions, dim=1).linear(v("fc2.weight").T, v("fc2.bias")).relu()
-        return x.linear(v("fc3.weight").T, v("fc3.bias"))[:, 0]
+        p = params or self.views()
+        h = states.linear(p["fc1.weight"].T, p["fc1.bias"]).relu()
+        x = h.cat(actions, dim=1).linear(p["fc2.weight"].T, p["fc2.bias"]).relu()
+        return x.linear(p["fc3.weight"].T, p["fc3.bias"])[:, 0]
 
-    def _state_part(self, states: Tensor, flat: Tensor | None) -> Tensor:
+    def _state_part(self, states: Tensor, p: dict[str, Tensor]) -> Tensor:
         """fc2's pre-activation without the action term, shape (batch, hidden2)."""
-        v = lambda name: self.view(name, flat)
-        hidden1 = self.dims[2]
-        h = states.linear(v("fc1.weight").T, v("fc1.bias")).relu()
-        return h.linear(v("fc2.weight")[:, :hidden1].T, v("fc2.bias"))
+        h = states.linear(p["fc1.weight"].T, p["fc1.bias"]).relu()
+        return h.linear(p["fc2.weight"][:, :self.dims[2]].T, p["fc2.bias"])
 
-    def score(self, states: Tensor, candidates: Tensor, flat: Tensor | None = None) -> Tensor:
+    def score(self, states: Tensor, candidates: Tensor) -> Tensor:
         """Q of every candidate action for its own state: states (B, S), candidates (B, K, A) -> (B, K)."""
-        v = lambda name: self.view(name, flat)
-        hidden1 = self.dims[2]
-        base = self._state_part(states, flat)
-        pre = base.unsqueeze(1) + candidates.matmul(v("fc2.weight")[:, hidden1:].T)
-        return pre.relu().matmul(v("fc3.weight")[0]) + v("fc3.bias")[0]
+        p = self.views()
+        pre = self._state_part(states, p).unsqueeze(1) + candidates.matmul(p["fc2.weight"][:, self.dims[2]:].T)
+        return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
 
-    def score_full(self, states: Tensor, candidates: Tensor, flat: Tensor | None = None) -> Tensor:
+    def score_full(self, states: Tensor, candidates: Tensor) -> Tensor:
         """`score` computed the plain way: the whole critic over B*K (state, candidate) rows."""
         batch, k, action_dim = candidates.shape
         rows = states.unsqueeze(1).expand(batch, k, states.shape[1]).reshape(batch * k, -1)
-        return self(rows, candidates.reshape(batch * k, action_dim), flat).reshape(batch, k)
+        return self(rows, candidates.reshape(batch * k, action_dim)).reshape(batch, k)
 
-    def kinks(self, states: Tensor, flat: Tensor | None = None) -> Tensor:
+    def kinks(self, states: Tensor) -> Tensor:
         """For a 1-d action: the action value at which each fc2 unit crosses zero, shape (B, hidden2).
 
         Q(s, .) is linear between consecutive kinks, so its maximum over an interval of actions lies
         at the interval's ends or beside a kink. Units with a zero action weight never cross (inf).
         """
-        w_action = self.view("fc2.weight", flat)[:, self.dims[2]]
+        p = self.views()
+        w_action = p["fc2.weight"][:, self.dims[2]]
         safe = (w_action == 0).where(1.0, w_action)
-        return (w_action == 0).where(float("inf"), -self._state_part(states, flat) / safe)
+        return (w_action == 0).where(float("inf"), -self._state_part(states, p) / safe)

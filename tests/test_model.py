@@ -66,6 +66,6 @@ def test_q_is_linear_between_kinks():
     xs = np.linspace(lo, hi, 9)[1:-1]
     q = critic.score(state, Tensor(xs.reshape(1, -1, 1).astype(np.float32))).numpy()[0]
     assert np.abs(np.diff(q, 2)).max() < 1e-5
-    hidden = np.maximum(critic._state_part(state, None).numpy()[0][:, None]
+    hidden = np.maximum(critic._state_part(state, critic.views()).numpy()[0][:, None]
                         + critic.view("fc2.weight").numpy()[:, 32:33] * xs[None], 0)
     assert np.allclose(q, critic.view("fc3.weight").numpy()[0] @ hidden + critic.view("fc3.bias").numpy()[0], atol=1e-5)
