@@ -193,7 +193,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
-    start, step, episode = time.time(), 0, 0
+    start, step, episode, interrupted = time.time(), 0, 0, False
     bar = progress(args.max_episode)
     try:
         for episode in range(1, args.max_episode + 1):
@@ -209,9 +209,10 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted during episode {episode}; saving")
-        episode -= 1  # the interrupted episode was not logged
+        episode, interrupted = episode - 1, True  # the interrupted episode was not logged
     bar.close()
-    save(episode + 1)
+    if interrupted or episode % args.save_per_epochs != 0:  # else the last episode's save holds everything
+        save(episode + 1)
     log.close()
     print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
           f"log, metrics, weights and plot in {run_dir}")
