@@ -1,0 +1,172 @@
+"""End to end: main.py as a user runs it, in subprocesses, with real gymnasium, FLANN and tinygrad."""
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT_CARTPOLE = ["--env", "CartPole-v1", "--max-episode", "4", "--warmup", "20", "--save_per_epochs", "2",
+                  "--eval-every", "2", "--eval-episodes", "1", "--seed", "3"]
+NETWORKS = ("actor", "critic", "actor_target", "critic_target")
+
+
+def run_main(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_run_files(run_dir: Path) -> None:
+    for name in NETWORKS:
+        assert (run_dir / f"{name}.safetensors").stat().st_size > 1000
+    assert (run_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def cartpole(tmp_path_factory):
+    output = tmp_path_factory.mktemp("out")
+    result = run_main(*SHORT_CARTPOLE, "--output", output)
+    assert result.returncode == 0, result.stderr
+    return output, output / "CartPole-v1-run1"
+
+
+def test_cartpole_trains_and_writes_its_run_folder(cartpole):
+    _, run_dir = cartpole
+    lines = (run_dir / "RS_train_log").read_text().splitlines()
+    assert lines[0] == "env: CartPole-v1" and "seed: 3" in lines and "k_ratio: 0.1" in lines
+    episodes = [line for line in lines if line.startswith("Ep:")]
+    assert [e.split(" | ")[0] for e in episodes] == ["Ep:1", "Ep:2", "Ep:3", "Ep:4"]
+    assert all(float(e.split("R:")[1]) > 0 for e in episodes)
+    assert "### Model Saved before Ep:3 ###" in lines and lines[-1] == "### Model Saved before Ep:5 ###"
+    rows = metrics(run_dir)
+    assert list(rows[0]) == ["episode", "env_steps", "return", "wall_seconds", "eval_return"]
+    assert [r["episode"] for r in rows] == ["1", "2", "3", "4"]
+    assert [bool(r["eval_return"]) for r in rows] == [False, True, False, True]
+    steps = [int(r["env_steps"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] > 20  # past the warm-up, so updates ran
+    assert_run_files(run_dir)
+
+
+def test_same_seed_same_returns(cartpole, tmp_path):
+    _, first = cartpole
+    assert run_main(*SHORT_CARTPOLE, "--output", tmp_path).returncode == 0
+    again = metrics(tmp_path / "CartPole-v1-run1")
+    assert [r["return"] for r in again] == [r["return"] for r in metrics(first)]
+    assert [r["eval_return"] for r in again] == [r["eval_return"] for r in metrics(first)]
+
+
+def test_pendulum_v0_maps_to_v1_and_trains(tmp_path):
+    result = run_main("--env", "Pendulum-v0", "--max-actions", 101, "--max-episode", 2, "--max-episode-length", 30,
+                      "--warmup", 10, "--eval-every", 0, "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if "Pendulum-v1" in line] == \
+        ["Pendulum-v0 is not in gymnasium; using Pendulum-v1 (same dynamics)"]
+    run_dir = tmp_path / "Pendulum-v0-run1"
+    assert [r["env_steps"] for r in metrics(run_dir)] == ["30", "60"]  # --max-episode-length cuts episodes
+    assert_run_files(run_dir)
+
+
+def test_test_mode_reloads_the_weights(cartpole):
+    output, run_dir = cartpole
+    before = snapshot(run_dir)
+    result = run_main("--env", "CartPole-v1", "--mode", "test", "--load-model-dir", run_dir, "--test-episode", 2,
+                      "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "return mean" in result.stdout and "std" in result.stdout
+    test_dir = output / "CartPole-v1-run2"
+    log = (test_dir / "RS_test_log").read_text().splitlines()
+    assert len([line for line in log if line.startswith("Ep:")]) == 2
+    assert snapshot(run_dir) == before
+
+
+def test_continue_training_with_load(cartpole, tmp_path):
+    _, run_dir = cartpole
+    result = run_main(*SHORT_CARTPOLE, "--max-episode", 1, "--load", "--load-model-dir", run_dir, "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_run_files(tmp_path / "CartPole-v1-run1")
+
+
+def corrupt(run_dir: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(run_dir, copy)
+    damage(copy / "actor.safetensors")
+    return copy
+
+
+BAD_INPUTS = {
+    "unknown env": lambda run, tmp: ["--env", "NoSuchEnv-v0"],
+    "no actions": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 0],
+    "k too large": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--k", 50],
+    "unsupported action space": lambda run, tmp: ["--env", "tests.toy_envs:MultiDiscreteToy-v0"],
+    "missing checkpoint folder": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test",
+                                                   "--load-model-dir", tmp / "nowhere"],
+    "missing checkpoint file": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
+                                                 corrupt(run, tmp, Path.unlink)],
+    "corrupt checkpoint": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
+                                            corrupt(run, tmp, lambda p: p.write_bytes(b"\x07garbage" * 50))],
+    "truncated checkpoint": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
+                                              corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:300]))],
+    "checkpoint of another env": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--mode", "test",
+                                                   "--load-model-dir", run],
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_touches_nothing(case, cartpole, tmp_path):
+    output, run_dir = cartpole
+    before, runs_before = snapshot(run_dir), sorted(p.name for p in output.iterdir())
+    result = run_main(*BAD_INPUTS[case](run_dir, tmp_path), "--output", output, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert snapshot(run_dir) == before and sorted(p.name for p in output.iterdir()) == runs_before
+
+
+def test_unwritable_output_folder(tmp_path):
+    (blocker := tmp_path / "a_file").write_text("not a folder")
+    result = run_main("--env", "CartPole-v1", "--max-episode", 1, "--output", blocker / "out")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
+
+
+def test_ctrl_c_saves_everything_and_exits_0(tmp_path):
+    proc = subprocess.Popen([sys.executable, "main.py", "--env", "CartPole-v1", "--max-episode", "100000",
+                             "--warmup", "20", "--eval-every", "0", "--output", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv_path, deadline = tmp_path / "CartPole-v1-run1" / "metrics.csv", time.time() + 120
+    while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "saving" in stdout
+    run_dir = tmp_path / "CartPole-v1-run1"
+    log = (run_dir / "RS_train_log").read_text().splitlines()
+    logged = len([line for line in log if line.startswith("Ep:")])
+    assert logged >= 3 and log[-1] == f"### Model Saved before Ep:{logged + 1} ###"
+    assert len(metrics(run_dir)) == logged
+    assert_run_files(run_dir)
+
+
+def test_plot_mode_compares_runs(cartpole, tmp_path):
+    _, run_dir = cartpole
+    other = shutil.copytree(run_dir, tmp_path / "CartPole-v1-run9")
+    result = run_main("--mode", "plot", "--load-model-dir", run_dir, other, "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
