@@ -1,8 +1,11 @@
-"""Speed benchmark: env steps per second, one update per step included, fast path against plain path.
+"""Benchmarks: speed (env steps per second) and learning (reward curves across seeds).
 
-    python bench.py                  # prints a table, writes bench_results.json
-    python bench.py --steps 500 --out results.json
+    python bench.py                  # speed: prints a table, writes bench_results.json
+    python bench.py speed --steps 500 --out results.json
+    python bench.py learn --env CartPole-v1 --episodes 300 --seeds 5   # learning: see `learn`
+    python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
 
+Speed:
 For each configuration both paths run the same training loop (main.run_episode with the default
 replay memory), alternating in one process so that a busy machine slows both alike:
 - fast: exact lattice k-NN (for 1-d actions inside the compiled graph, scoring only the window's
@@ -15,12 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from main import build, parse_args, run_episode
 from memory import ReplayMemory
+from util import env_folder_name, plot_seed_band, read_metrics
 
 CONFIGS = {
     "CartPole-v1": ["--env", "CartPole-v1"],
@@ -63,11 +73,7 @@ def measure(argv: list[str], steps: int) -> dict:
             "steps_timed": steps, "k": setup.k}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400, help="timed env steps of the fast path per configuration")
-    p.add_argument("--out", default="bench_results.json")
-    opts = p.parse_args()
+def speed(opts: argparse.Namespace) -> None:
     from tinygrad import Device
     results = {"machine": f"{platform.processor() or platform.machine()}, {Device.DEFAULT}", "configs": {}}
     for name, argv in CONFIGS.items():
@@ -78,12 +84,87 @@ def main() -> None:
         print(f"{name}: fast {row['fast']['ms_per_step']:.2f} ms/step, plain {row['plain']['ms_per_step']:.1f} "
               f"ms/step, {row['speedup']:.0f}x", flush=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))
-    print(f"\n| configuration | fast ms/step | plain ms/step | speed-up | fast peak RSS MB | plain peak RSS MB |")
+    print("\n| configuration | fast ms/step | plain ms/step | speed-up | fast peak RSS MB | plain peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for name, row in results["configs"].items():
         print(f"| {name} | {row['fast']['ms_per_step']:.2f} | {row['plain']['ms_per_step']:.1f} | "
               f"{row['speedup']:.0f}x | {row['fast']['peak_rss_mb']:.0f} | {row['plain']['peak_rss_mb']:.0f} |")
     print(f"\nwrote {opts.out}")
+
+
+# Learning: the reference's published bucket means (first episode, last episode, mean return)
+REFERENCE_CURVES = {
+    "Pendulum-v0": [(1, 100, -900.0), (101, 200, -278.0), (201, 300, -137.0), (800, 1000, -100.0)],
+    "CartPole-v1": [(1, 400, 12.0), (548, 548, 500.0)],
+}
+
+
+def train_seed(job: tuple[list[str], Path]) -> Path:
+    """Run main.py for one seed in its own process; returns its run folder."""
+    argv, output = job
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("main.py")), *argv, "--output", str(output)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()[-500:]}")
+    return next(output.glob("*-run*"))
+
+
+def window_mean(values: np.ndarray, first: int, last: int) -> float:
+    return float(np.mean(values[first - 1:last])) if len(values) >= last else float("nan")
+
+
+def learn(opts: argparse.Namespace) -> None:
+    """Train --seeds seeds in parallel processes; write per-seed runs, summary.json and learning_curve.png."""
+    out = Path(opts.out or f"bench_learn/{env_folder_name(opts.env)}")
+    seeds = list(range(1, opts.seeds + 1))
+    jobs = [(["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(s), *opts.main_flags],
+             out / f"seed{s}") for s in seeds]
+    for _, folder in jobs:
+        if folder.exists():
+            raise SystemExit(f"error: {folder} exists; choose another --out")
+    start = time.time()
+    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        runs = list(pool.map(train_seed, jobs))
+    per_seed = {s: read_metrics(run / "metrics.csv") for s, run in zip(seeds, runs)}
+    returns = np.array([m["return"] for m in per_seed.values()])
+    evals = np.array([m["eval_return"] for m in per_seed.values()])
+    evaluated = ~np.isnan(evals[0])
+    episodes = per_seed[seeds[0]]["episode"]
+    summary = {"env": opts.env, "episodes": opts.episodes, "seeds": seeds, "main_flags": opts.main_flags,
+               "wall_seconds_total": time.time() - start, "per_seed": {}}
+    for s, m in per_seed.items():
+        ev = m["eval_return"]
+        summary["per_seed"][s] = {
+            "run": str(runs[seeds.index(s)]), "wall_seconds": float(m["wall_seconds"][-1]),
+            "mean_return_1_100": window_mean(m["return"], 1, 100),
+            "mean_return_101_200": window_mean(m["return"], 101, 200),
+            "final_eval": float(ev[~np.isnan(ev)][-1]) if (~np.isnan(ev)).any() else None,
+            "best_eval": float(np.nanmax(ev)) if (~np.isnan(ev)).any() else None,
+            "first_eval_at_least_475": next((int(e) for e, v in zip(m["episode"], ev) if v >= 475), None),
+            "first_return_500": next((int(e) for e, r in zip(m["episode"], m["return"]) if r >= 500), None)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_seed_band(episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0),
+                   REFERENCE_CURVES.get(opts.env, []), out / "learning_curve.png",
+                   f"{opts.env} {' '.join(opts.main_flags)}: {len(seeds)} seeds")
+    print(json.dumps(summary["per_seed"], indent=1))
+    print(f"wrote {out / 'summary.json'} and {out / 'learning_curve.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+    sp = sub.add_parser("speed", help="env steps per second, fast against plain path (the default)")
+    for parser in (p, sp):
+        parser.add_argument("--steps", type=int, default=400, help="timed env steps of the fast path per config")
+        parser.add_argument("--out", default="bench_results.json")
+    lp = sub.add_parser("learn", help="reward curves of several seeds trained in parallel")
+    lp.add_argument("--env", default="CartPole-v1")
+    lp.add_argument("--episodes", type=int, default=300)
+    lp.add_argument("--seeds", type=int, default=5)
+    lp.add_argument("--out", default=None, help="folder for the runs and the summary (default bench_learn/<env>)")
+    lp.add_argument("main_flags", nargs="*", help="after --: further main.py flags, e.g. -- --max-actions 200000")
+    opts = p.parse_args()
+    (learn if opts.command == "learn" else speed)(opts)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,27 @@ def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, tit
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.ndarray, eval_means: np.ndarray,
+                   reference: list[tuple[int, int, float]], path: Path, title: str, window: int = 10) -> None:
+    """Mean training return across seeds (moving average) with its min-max band, the mean evaluation,
+    and reference bucket means drawn as horizontal segments (first episode, last episode, mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    smooth = np.array([moving_average(r, window) for r in returns])  # (seeds, episodes)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.fill_between(episodes, smooth.min(0), smooth.max(0), color="C0", alpha=0.2, label="min-max over seeds")
+    ax.plot(episodes, smooth.mean(0), color="C0", lw=2, label=f"mean training return ({window}-episode average)")
+    if len(eval_episodes):
+        ax.plot(eval_episodes, eval_means, "o--", color="C2", ms=4, lw=1, label="mean evaluation (no noise)")
+    for i, (first, last, value) in enumerate(reference):
+        ax.plot([first, last], [value, value], "-" if last > first else "*", color="C3", lw=2.5, ms=12,
+                label="reference (published log)" if i == 0 else None)
+    ax.set(xlabel="episode", ylabel="return", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
