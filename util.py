@@ -100,13 +100,27 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[idx] - sums[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
 
 
+def _new_figure():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(9, 5))
+
+
+def _save_figure(fig, ax, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    ax.set(xlabel="episode", ylabel="return", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, title: str, window: int = 20) -> None:
     """Reward curves of one or more runs on one figure: episode returns, their moving average, evaluations."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     runs = list(runs)
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _new_figure()
     for i, (label, m) in enumerate(runs):
         color = f"C{i}"
         prefix = f"{label}: " if len(runs) > 1 else ""
@@ -118,23 +132,15 @@ def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, tit
         if evaluated.any():
             ax.plot(m["episode"][evaluated], m["eval_return"][evaluated], "o--", color=color, ms=4, lw=1,
                     mfc="white", label=f"{prefix}evaluation (no noise)")
-    ax.set(xlabel="episode", ylabel="return", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_figure(fig, ax, title, path)
 
 
 def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.ndarray, eval_means: np.ndarray,
                    reference: list[tuple[int, int, float]], path: Path, title: str, window: int = 10) -> None:
     """Mean training return across seeds (moving average) with its min-max band, the mean evaluation,
     and reference bucket means drawn as horizontal segments (first episode, last episode, mean)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     smooth = np.array([moving_average(r, window) for r in returns])  # (seeds, episodes)
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _new_figure()
     ax.fill_between(episodes, smooth.min(0), smooth.max(0), color="C0", alpha=0.2, label="min-max over seeds")
     ax.plot(episodes, smooth.mean(0), color="C0", lw=2, label=f"mean training return ({window}-episode average)")
     if len(eval_episodes):
@@ -142,9 +148,4 @@ def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.
     for i, (first, last, value) in enumerate(reference):
         ax.plot([first, last], [value, value], "-" if last > first else "*", color="C3", lw=2.5, ms=12,
                 label="reference (published log)" if i == 0 else None)
-    ax.set(xlabel="episode", ylabel="return", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_figure(fig, ax, title, path)
