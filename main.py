@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -193,6 +194,9 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
+    # Ctrl-C, and a plain `kill`, end training with everything saved (also where SIGINT was ignored, e.g. under nohup)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     start, step, episode, interrupted = time.time(), 0, 0, False
     bar = progress(args.max_episode)
     try:

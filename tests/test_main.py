@@ -145,14 +145,15 @@ def test_unwritable_output_folder(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
-def test_ctrl_c_saves_everything_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_everything_and_exits_0(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "main.py", "--env", "CartPole-v1", "--max-episode", "100000",
                              "--warmup", "20", "--eval-every", "0", "--output", str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     csv_path, deadline = tmp_path / "CartPole-v1-run1" / "metrics.csv", time.time() + 120
     while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) > 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "saving" in stdout
