@@ -41,6 +41,13 @@ PATHS = {"fast": [], "plain": ["--knn", "flann", "--scoring", "full"]}
 PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3}
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def reset_peak_memory() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the VmHWM high-water mark
 
@@ -61,24 +68,29 @@ def play(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> int
 
 
 def measure(argv: list[str], steps: int) -> dict:
-    args = parse_args(argv + ["--seed", "1"])
-    setup = build(args)
-    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
-    step = play(setup, memory, args.warmup, args.warmup + 3, 0)  # random steps, then compile the graphs
-    reset_peak_memory()
-    start = time.perf_counter()
-    play(setup, memory, args.warmup, steps, step)
-    seconds = (time.perf_counter() - start) / steps
+    """Milliseconds per env step (update included) after warm-up, and peak resident memory."""
+    from tinygrad.helpers import Context
+    with Context(BEAM=0):  # restores the search width that a --beam in argv sets
+        args = parse_args(argv + ["--seed", "1"])
+        setup = build(args)
+        memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
+        step = play(setup, memory, args.warmup, args.warmup + 3, 0)  # random steps, then compile the graphs
+        reset_peak_memory()
+        start = time.perf_counter()
+        play(setup, memory, args.warmup, steps, step)
+        seconds = (time.perf_counter() - start) / steps
     return {"ms_per_step": 1e3 * seconds, "steps_per_second": 1 / seconds, "peak_rss_mb": peak_memory_mb(),
             "steps_timed": steps, "k": setup.k}
 
 
 def speed(opts: argparse.Namespace) -> None:
     from tinygrad import Device
-    results = {"machine": f"{platform.processor() or platform.machine()}, {Device.DEFAULT}", "configs": {}}
+    results = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}", "fast_path_beam": opts.beam,
+               "configs": {}}
     for name, argv in CONFIGS.items():
-        row = {path: measure(argv + extra, opts.steps if path == "fast" else PLAIN_STEPS[name])
-               for path, extra in PATHS.items()}
+        beam = ["--beam", str(opts.beam)] if opts.beam else []
+        row = {path: measure(argv + extra + (beam if path == "fast" else []),
+                             opts.steps if path == "fast" else PLAIN_STEPS[name]) for path, extra in PATHS.items()}
         row["speedup"] = row["plain"]["ms_per_step"] / row["fast"]["ms_per_step"]
         results["configs"][name] = row
         print(f"{name}: fast {row['fast']['ms_per_step']:.2f} ms/step, plain {row['plain']['ms_per_step']:.1f} "
@@ -157,6 +169,7 @@ def main() -> None:
     for parser in (p, sp):
         parser.add_argument("--steps", type=int, default=400, help="timed env steps of the fast path per config")
         parser.add_argument("--out", default="bench_results.json")
+        parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
     lp = sub.add_parser("learn", help="reward curves of several seeds trained in parallel")
     lp.add_argument("--env", default="CartPole-v1")
     lp.add_argument("--episodes", type=int, default=300)

@@ -13,8 +13,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # heavy imports wait until the arguments are known good
+    import gymnasium as gym
+
+    from action_space import GridActionSpace
+    from wolp_agent import WolpertingerAgent
 
 RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has renamed
 
@@ -55,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full: run the whole critic per candidate, as the reference did (same numbers, slower)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate without noise every N episodes (0: never)")
     p.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation")
+    p.add_argument("--beam", type=int, default=0,
+                   help="tinygrad BEAM search width for the compiled steps (e.g. 2): about 2x faster updates on a CPU "
+                        "after a one-off search of minutes, cached for later runs; 0: off")
     p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU or CUDA (default: tinygrad's choice)")
     p.add_argument("--output", default="output", help="folder that holds the run folders")
     return p.parse_args(argv)
@@ -66,15 +76,16 @@ class UsageError(Exception):
 
 @dataclass
 class Setup:
+    """Everything a run needs: the env (and a separate one for evaluation), the action set and the agent."""
     env_id: str
-    env: object
-    eval_env: object
-    space: object
-    agent: object
+    env: gym.Env
+    eval_env: gym.Env
+    space: GridActionSpace
+    agent: WolpertingerAgent
     k: int
 
 
-def make_env(env_id: str):
+def make_env(env_id: str) -> gym.Env:
     import gymnasium as gym
     try:
         return gym.make(env_id)
@@ -97,6 +108,11 @@ def build(args: argparse.Namespace) -> Setup:
         except Exception as e:
             raise UsageError(f"tinygrad device {args.device!r} is not available ({type(e).__name__})") from None
         Device.DEFAULT = args.device.upper()
+    if args.beam < 0:
+        raise UsageError(f"--beam must be 0 (off) or a positive search width (got {args.beam})")
+    if args.beam:
+        from tinygrad.helpers import BEAM
+        BEAM.value = args.beam
     env_id = RENAMED_ENVS.get(args.env, args.env)
     if env_id != args.env:
         print(f"{args.env} is not in gymnasium; using {env_id} (same dynamics)")
@@ -141,7 +157,7 @@ def build(args: argparse.Namespace) -> Setup:
     return Setup(env_id, env, make_env(env_id), space, agent, k)
 
 
-def run_episode(setup: Setup, env, explore: bool, max_steps: int, seed: int | None = None, memory=None,
+def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed: int | None = None, memory=None,
                 warmup: int = 0, step: int = 0) -> tuple[float, int]:
     """Play one episode; when `memory` is given, store transitions and update after `warmup` total steps.
 

@@ -15,7 +15,6 @@ from tinygrad import Tensor, TinyJit
 
 from action_space import GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
-from model import Critic
 
 SCORINGS = ("factored", "full")
 
@@ -81,8 +80,8 @@ class WolpertingerAgent(DDPG):
         return self._best_candidate(state, candidates).realize()
 
     def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
-        protos = self.actor_target(next_states).clip(-1, 1)
         if self.in_graph_window:
+            protos = self.actor_target(next_states).clip(-1, 1)
             return self._window_best(next_states, protos).unsqueeze(1) * self.space.step - 1
         candidates, = target_inputs
         best = self._best_candidate(next_states, candidates)
