@@ -131,19 +131,24 @@ def learn(opts: argparse.Namespace) -> None:
     seeds = list(range(1, opts.seeds + 1))
     jobs = [(["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(s), *opts.main_flags],
              out / f"seed{s}") for s in seeds]
-    for _, folder in jobs:
-        if folder.exists():
-            raise SystemExit(f"error: {folder} exists; choose another --out")
     start = time.time()
-    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        runs = list(pool.map(train_seed, jobs))
+    if opts.summarize:
+        runs = [next(folder.glob("*-run*")) for _, folder in jobs]
+    else:
+        for _, folder in jobs:
+            if folder.exists():
+                raise SystemExit(f"error: {folder} exists; choose another --out (or --summarize it)")
+        with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+            runs = list(pool.map(train_seed, jobs))
     per_seed = {s: read_metrics(run / "metrics.csv") for s, run in zip(seeds, runs)}
     returns = np.array([m["return"] for m in per_seed.values()])
     evals = np.array([m["eval_return"] for m in per_seed.values()])
     evaluated = ~np.isnan(evals[0])
     episodes = per_seed[seeds[0]]["episode"]
     summary = {"env": opts.env, "episodes": opts.episodes, "seeds": seeds, "main_flags": opts.main_flags,
-               "wall_seconds_total": time.time() - start, "per_seed": {}}
+               "per_seed": {}}
+    if not opts.summarize:
+        summary["wall_seconds_total"] = time.time() - start
     for s, m in per_seed.items():
         ev = m["eval_return"]
         summary["per_seed"][s] = {
@@ -175,6 +180,7 @@ def main() -> None:
     lp.add_argument("--episodes", type=int, default=300)
     lp.add_argument("--seeds", type=int, default=5)
     lp.add_argument("--out", default=None, help="folder for the runs and the summary (default bench_learn/<env>)")
+    lp.add_argument("--summarize", action="store_true", help="skip training: summarise the runs already in --out")
     lp.add_argument("main_flags", nargs="*", help="after --: further main.py flags, e.g. -- --max-actions 200000")
     opts = p.parse_args()
     (learn if opts.command == "learn" else speed)(opts)

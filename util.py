@@ -145,7 +145,8 @@ def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.
     ax.plot(episodes, smooth.mean(0), color="C0", lw=2, label=f"mean training return ({window}-episode average)")
     if len(eval_episodes):
         ax.plot(eval_episodes, eval_means, "o--", color="C2", ms=4, lw=1, label="mean evaluation (no noise)")
-    for i, (first, last, value) in enumerate(reference):
+    shown = [(first, min(last, episodes[-1]), value) for first, last, value in reference if first <= episodes[-1]]
+    for i, (first, last, value) in enumerate(shown):
         ax.plot([first, last], [value, value], "-" if last > first else "*", color="C3", lw=2.5, ms=12,
                 label="reference (published log)" if i == 0 else None)
     _save_figure(fig, ax, title, path)
