@@ -1,4 +1,16 @@
-"""One DDPG update of the Wolpertinger agent against an independent float64 numpy re-computation."""
+"""DDPG updates of the Wolpertinger agent against an independent float64 numpy re-computation of the spec.
+
+The numpy side shares nothing with the library but the grid coordinates: forward passes, the target
+action (brute-force k nearest grid points of the target actor's proto-action, ranked by the ONLINE
+critic with each row's own next state), y = r + gamma * (1 - terminated) * Q'(s', a'), hand-written
+backprop, torch's Adam with L2 weight decay, the actor step through the critic as just updated, and
+the soft target updates. Adam's first moment m = (1 - b1) * (grad + wd * p) is compared as well: it
+is the gradient itself, while the first parameter step is about lr * sign(grad) and hides its size.
+
+The nets get explicit random weights (with targets that differ from the online nets, so swapping
+the two anywhere shows) chosen so that the critic's best candidates are spread over the window,
+kinks included; every seed below is checked for near-ties that would make the argmax ambiguous.
+"""
 import copy
 
 import numpy as np
@@ -6,165 +18,274 @@ import pytest
 from tinygrad import Tensor
 
 from action_space import GridActionSpace
-from ddpg import DDPGConfig, read
+from ddpg import DDPGConfig
 from memory import ReplayMemory
 from wolp_agent import WolpertingerAgent
 
 S, H1, H2, BATCH = 3, 16, 8, 8
-NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias")
-CFG = DDPGConfig(hidden1=H1, hidden2=H2, batch_size=BATCH, init_w=0.3, weight_decay=0.05, tau=0.1, gamma=0.9,
-                 c_lr=1e-2, p_lr=1e-2)
-SPACES = {
-    "1d-kinks": (lambda: GridActionSpace.continuous([-2.0], [2.0], 41), 25),   # k > 2 * hidden2 + 2
-    "1d-window": (lambda: GridActionSpace.continuous([-2.0], [2.0], 41), 3),
-    "2d-search": (lambda: GridActionSpace.continuous([-1, -1], [1, 1], 49), 5),
+NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias")   # model.py's order
+NETS = ("actor", "critic", "actor_target", "critic_target")
+CFG = dict(hidden1=H1, hidden2=H2, batch_size=BATCH, weight_decay=1e-2, tau=0.1, gamma=0.9, c_lr=1e-2, p_lr=3e-3)
+B1, B2, EPS = 0.9, 0.999, 1e-8
+MARGIN = 1e-5   # float32 and float64 must agree on every ReLU, nearest-neighbour set and argmax
+
+line = lambda **kw: GridActionSpace.continuous([-2.0], [2.0], 41, **kw)       # 41 points, step 0.1
+square = lambda **kw: GridActionSpace.continuous([-1, -1], [1, 1], 49, **kw)  # 7 x 7 points
+CASES = {   # name: (space, k, seed)
+    "1d-kinks": (line, 25, 28),         # k > 2 * H2 + 2: window ends and the grid points beside the kinks
+    "1d-window": (line, 3, 11),         # k <= 2 * H2 + 2: the whole window of k grid points
+    "2d-search": (square, 5, 23),       # numpy lattice search and a candidate buffer
+    "1d-flann": (lambda: line(knn="flann"), 5, 28),   # FLANN's kd-tree, candidate buffer, d = 1
 }
 
 
-def params(net) -> dict[str, np.ndarray]:
-    return {name: net.view(name).numpy().astype(np.float64) for name in NAMES}
+# --- the nets in numpy -----------------------------------------------------------------------------------------
+relu = lambda x: np.maximum(x, 0)
 
 
-def relu(x):
-    return np.maximum(x, 0)
+def clear_of_kinks(*pre_activations):
+    for z in pre_activations:
+        assert np.abs(z).min() > MARGIN, "a ReLU input within MARGIN of 0: pick another seed"
 
 
 def actor_forward(p, s):
     z1 = s @ p["fc1.weight"].T + p["fc1.bias"]
     z2 = relu(z1) @ p["fc2.weight"].T + p["fc2.bias"]
     u = relu(z2) @ p["fc3.weight"].T + p["fc3.bias"]
-    return u / (1 + np.abs(u)), (z1, z2, u)
+    clear_of_kinks(z1, z2)
+    return u / (1 + np.abs(u)), (s, z1, z2, u)
 
 
 def critic_forward(p, s, a):
     z1 = s @ p["fc1.weight"].T + p["fc1.bias"]
     x = np.concatenate([relu(z1), a], 1)
     z2 = x @ p["fc2.weight"].T + p["fc2.bias"]
-    return (relu(z2) @ p["fc3.weight"].T + p["fc3.bias"])[:, 0], (z1, x, z2)
+    clear_of_kinks(z1, z2)
+    return (relu(z2) @ p["fc3.weight"].T + p["fc3.bias"])[:, 0], (s, z1, x, z2)
 
 
-def critic_backward(p, s, cache, dq):
-    """Gradients of sum(dq * Q) for the critic's parameters and for its action input."""
-    z1, x, z2 = cache
-    g = {"fc3.weight": dq[None] @ relu(z2), "fc3.bias": np.array([dq.sum()])}
-    dz2 = (dq[:, None] @ p["fc3.weight"]) * (z2 > 0)
-    g["fc2.weight"], g["fc2.bias"] = dz2.T @ x, dz2.sum(0)
+def critic_backward(p, cache, dq):
+    """Gradients of sum(dq * Q) with respect to the critic's parameters and to its action input."""
+    s, z1, x, z2 = cache
+    dz2 = dq[:, None] * p["fc3.weight"] * (z2 > 0)
     dx = dz2 @ p["fc2.weight"]
     dz1 = dx[:, :H1] * (z1 > 0)
-    g["fc1.weight"], g["fc1.bias"] = dz1.T @ s, dz1.sum(0)
-    return g, dx[:, H1:]
+    grads = {"fc1.weight": dz1.T @ s, "fc1.bias": dz1.sum(0), "fc2.weight": dz2.T @ x, "fc2.bias": dz2.sum(0),
+             "fc3.weight": dq[None] @ relu(z2), "fc3.bias": np.array([dq.sum()])}
+    return grads, dx[:, H1:]
 
 
-def actor_backward(p, s, cache, du_out):
-    z1, z2, u = cache
-    du = du_out / (1 + np.abs(u)) ** 2
-    g = {"fc3.weight": du.T @ relu(z2), "fc3.bias": du.sum(0)}
+def actor_backward(p, cache, d_out):
+    """Gradients of sum(d_out * actor(s)) with respect to the actor's parameters."""
+    s, z1, z2, u = cache
+    du = d_out / (1 + np.abs(u)) ** 2                      # softsign'(u)
     dz2 = (du @ p["fc3.weight"]) * (z2 > 0)
-    g["fc2.weight"], g["fc2.bias"] = dz2.T @ relu(z1), dz2.sum(0)
     dz1 = (dz2 @ p["fc2.weight"]) * (z1 > 0)
-    g["fc1.weight"], g["fc1.bias"] = dz1.T @ s, dz1.sum(0)
-    return g
+    return {"fc1.weight": dz1.T @ s, "fc1.bias": dz1.sum(0), "fc2.weight": dz2.T @ relu(z1), "fc2.bias": dz2.sum(0),
+            "fc3.weight": du.T @ relu(z2), "fc3.bias": du.sum(0)}
 
 
-def adam_first_step(p, grad, lr, wd):
-    """torch.optim.Adam's first step with L2 weight decay: returns (new params, first moment m)."""
-    new, m = {}, {}
+def adam(p, grad, state, lr, wd):
+    """torch.optim.Adam with L2 weight decay (added to the gradient); state = (m, v, t) per name, updated in place."""
+    new = {}
     for name in NAMES:
+        m, v, t = state.get(name, (0.0, 0.0, 0))
         g = grad[name] + wd * p[name]
-        m[name] = 0.1 * g
-        m_hat, v_hat = m[name] / (1 - 0.9), 0.001 * g * g / (1 - 0.999)
-        new[name] = p[name] - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
-    return new, m
+        m, v, t = B1 * m + (1 - B1) * g, B2 * v + (1 - B2) * g * g, t + 1
+        new[name] = p[name] - lr * (m / (1 - B1 ** t)) / (np.sqrt(v / (1 - B2 ** t)) + EPS)
+        state[name] = m, v, t
+    return new
 
 
-def flat(d):
-    return np.concatenate([d[name].ravel() for name in NAMES])
+# --- the update in numpy ---------------------------------------------------------------------------------------
+def nearest_k(grid, proto, k):
+    d2 = ((grid - proto) ** 2).sum(1)
+    order = np.argsort(d2, kind="stable")
+    if k < len(grid):
+        assert d2[order[k]] - d2[order[k - 1]] > MARGIN, "a proto-action halfway between grid points: pick another seed"
+    return order[:k]
 
 
-def expected_update(agent, s, a, r, s2, term):
-    actor, critic = params(agent.actor), params(agent.critic)
-    actor_t, critic_t = params(agent.actor_target), params(agent.critic_target)
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
-    # target action: for each next state, its own k nearest grid points ranked by the online critic
-    protos = np.clip(actor_forward(actor_t, s2)[0], -1, 1)
-    best = []
+def target_actions(p, s2, grid, k, neighbours=nearest_k):
+    """Per next state: the target actor's proto, its k nearest grid points, the online critic's best of them."""
+    protos = np.clip(actor_forward(p["actor_target"], s2)[0], -1, 1)
+    chosen = []
     for state, proto in zip(s2, protos):
-        neighbours = grid[np.argsort(((grid - proto) ** 2).sum(1), kind="stable")[:agent.k]]
-        q = critic_forward(critic, np.repeat(state[None], agent.k, 0), neighbours)[0]
-        assert np.sort(q)[-1] - np.sort(q)[-2] > 1e-6 if agent.k > 1 else True, "near tie: pick another seed"
-        best.append(neighbours[np.argmax(q)])
-    y = r + CFG.gamma * (1 - term) * critic_forward(critic_t, s2, np.array(best))[0]
-    q, cache = critic_forward(critic, s, a)
+        candidates = neighbours(grid, proto, k)
+        q = critic_forward(p["critic"], np.repeat(state[None], k, 0), grid[candidates])[0]
+        assert k == 1 or np.diff(np.sort(q))[-1] > MARGIN, "two candidates with almost the same Q: pick another seed"
+        chosen.append(candidates[np.argmax(q)])
+    return np.array(chosen)
+
+
+def expected_update(p, adam_state, batch, grid, k, cfg, neighbours=nearest_k):
+    """One update of the float64 parameters p (dict of the four nets); returns the new p, the losses and a'."""
+    s, a, r, s2, terminated = batch
+    chosen = target_actions(p, s2, grid, k, neighbours)
+    y = r + cfg.gamma * (1 - terminated) * critic_forward(p["critic_target"], s2, grid[chosen])[0]
+    q, cache = critic_forward(p["critic"], s, a)
     critic_loss = np.mean((q - y) ** 2)
-    critic_grad, _ = critic_backward(critic, s, cache, 2 * (q - y) / BATCH)
-    critic_new, critic_m = adam_first_step(critic, critic_grad, CFG.c_lr, CFG.weight_decay)
-    # the actor follows the critic as just updated
-    proto, actor_cache = actor_forward(actor, s)
-    q_pi, cache = critic_forward(critic_new, s, proto)
-    _, dq_da = critic_backward(critic_new, s, cache, -np.ones(BATCH) / BATCH)
-    actor_new, actor_m = adam_first_step(actor, actor_backward(actor, s, actor_cache, dq_da), CFG.p_lr,
-                                         CFG.weight_decay)
-    soft = lambda target, online: {n: CFG.tau * online[n] + (1 - CFG.tau) * target[n] for n in NAMES}
-    return {"losses": np.array([critic_loss, -q_pi.mean()]), "critic": critic_new, "actor": actor_new,
-            "critic_m": critic_m, "actor_m": actor_m, "critic_target": soft(critic_t, critic_new),
-            "actor_target": soft(actor_t, actor_new)}
+    critic_grad, _ = critic_backward(p["critic"], cache, 2 * (q - y) / len(q))
+    critic = adam(p["critic"], critic_grad, adam_state["critic"], cfg.c_lr, cfg.weight_decay)
+    # the actor's loss goes through the critic as just updated
+    proto, actor_cache = actor_forward(p["actor"], s)
+    q_pi, cache = critic_forward(critic, s, proto)
+    _, dq_da = critic_backward(critic, cache, -np.ones(len(s)) / len(s))
+    actor = adam(p["actor"], actor_backward(p["actor"], actor_cache, dq_da), adam_state["actor"], cfg.p_lr,
+                 cfg.weight_decay)
+    soft = lambda target, online: {n: cfg.tau * online[n] + (1 - cfg.tau) * target[n] for n in NAMES}
+    new = {"actor": actor, "critic": critic, "actor_target": soft(p["actor_target"], actor),
+           "critic_target": soft(p["critic_target"], critic)}
+    return new, np.array([critic_loss, -q_pi.mean()]), chosen
 
 
-def agent_and_memory(case: str, seed: int = 0):
-    make_space, k = SPACES[case]
+# --- the agent -------------------------------------------------------------------------------------------------
+def numpy_params(agent):
+    return {net: {n: getattr(agent, net).view(n).numpy().astype(np.float64) for n in NAMES} for net in NETS}
+
+
+def flat(params):
+    return np.concatenate([params[n].ravel() for n in NAMES])
+
+
+def random_weights(net, rng, action_gain=1.0):
+    """Gaussian weights (std 1.5 / sqrt(fan in)) and biases (std 0.3); the critic's action inputs scaled by
+    action_gain, which puts its kinks (and best candidates) inside the action range."""
+    weights = {}
+    for name, shape in net.shapes.items():
+        w = rng.normal(0, 1.5 / np.sqrt(shape[1]) if len(shape) == 2 else 0.3, shape)
+        if name == "fc2.weight" and shape[1] > H1:
+            w[:, H1:] *= action_gain
+        weights[name] = Tensor(w.astype(np.float32))
+    return weights
+
+
+def make_agent(space, k, seed, **cfg):
     Tensor.manual_seed(seed)
-    agent = WolpertingerAgent(S, make_space(), k, CFG, np.random.default_rng(seed))
-    rng = np.random.default_rng(seed + 1)
+    agent = WolpertingerAgent(S, space(), k, DDPGConfig(**{**CFG, **cfg}), np.random.default_rng(seed))
+    rng = np.random.default_rng(seed + 100)
+    for net in NETS:   # the targets get weights of their own: using one net for the other must show
+        getattr(agent, net).load_state_dict(random_weights(getattr(agent, net), rng, action_gain=4.0))
+    return agent
+
+
+def random_memory(agent, seed, n=40):
+    """n random transitions, every third one terminated (the others bootstrap, truncated or not)."""
+    rng = np.random.default_rng(seed + 200)
     memory = ReplayMemory(100, S, agent.space.dim)
-    for i in range(40):
+    for i in range(n):
         memory.append(rng.normal(size=S), agent.space.points(rng.integers(agent.space.n)), rng.normal(),
                       rng.normal(size=S), terminated=i % 3 == 0)
-    return agent, memory
+    return memory
 
 
-@pytest.mark.parametrize("case", SPACES)
+def next_batch(agent, memory):
+    """The minibatch the next agent.update(memory) will draw (memory.sample with agent.rng), in float64."""
+    idx = copy.deepcopy(agent.rng).integers(0, len(memory), agent.cfg.batch_size)
+    return [x[idx].astype(np.float64) for x in (memory.states, memory.actions, memory.rewards, memory.next_states,
+                                                 memory.terminated)]
+
+
+def flann_neighbours(agent):
+    """The library's FLANN kd-tree is approximate by design (the reference's); take its candidate set as given."""
+    return lambda grid, proto, k: agent.space.search(proto[None], k)[0]
+
+
+def assert_matches(agent, expected, losses, adam_state):
+    np.testing.assert_allclose(losses, expected[1], rtol=1e-4, atol=1e-6)
+    for net in ("critic", "actor"):   # m holds the gradient: this checks its size, not only its sign
+        m = getattr(agent, f"{net}_optim").m.numpy()
+        want = np.concatenate([adam_state[net][n][0].ravel() for n in NAMES])
+        np.testing.assert_allclose(m, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=f"{net} Adam m")
+    for net in NETS:
+        np.testing.assert_allclose(getattr(agent, net).flat.numpy(), flat(expected[0][net]), rtol=1e-4, atol=1e-6,
+                                   err_msg=net)
+
+
+# --- tests -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
 def test_one_update_equals_numpy(case):
-    agent, memory = agent_and_memory(case)
-    idx = copy.deepcopy(agent.rng).integers(0, len(memory), BATCH)   # the batch the update will draw
-    batch = [x.astype(np.float64) for x in (memory.states[idx], memory.actions[idx], memory.rewards[idx],
-                                            memory.next_states[idx], memory.terminated[idx])]
-    assert 0 < batch[4].sum() < BATCH  # both terminated and bootstrapped transitions
-    expected = expected_update(agent, *batch)
+    space, k, seed = CASES[case]
+    agent = make_agent(space, k, seed)
+    assert agent.in_graph_window == (case in ("1d-kinks", "1d-window"))   # the target-action path under test
+    memory = random_memory(agent, seed)
+    batch = next_batch(agent, memory)
+    assert 0 < batch[4].sum() < BATCH, "the batch needs terminated and bootstrapped transitions"
+    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    adam_state = {"critic": {}, "actor": {}}
+    neighbours = flann_neighbours(agent) if agent.space.knn == "flann" else nearest_k
+    expected = expected_update(numpy_params(agent), adam_state, batch, grid, k, agent.cfg, neighbours)
+    if case == "1d-kinks":   # some best candidates lie inside the window, i.e. beside a kink
+        protos = np.clip(actor_forward(numpy_params(agent)["actor_target"], batch[3])[0], -1, 1)
+        windows = np.array([nearest_k(grid, proto, k) for proto in protos])
+        assert np.any((expected[2] > windows.min(1)) & (expected[2] < windows.max(1)))
+    rng_after = copy.deepcopy(agent.rng)
+    rng_after.integers(0, len(memory), BATCH)
     losses = agent.update(memory)
-    np.testing.assert_allclose(losses, expected["losses"], rtol=1e-4)
-    # Adam's first moment is 0.1 * (gradient + wd * p): the gradients themselves, not only their signs
-    np.testing.assert_allclose(read(agent.critic_optim.m), flat(expected["critic_m"]), rtol=1e-3, atol=1e-7)
-    np.testing.assert_allclose(read(agent.actor_optim.m), flat(expected["actor_m"]), rtol=1e-3, atol=1e-7)
-    for net in ("critic", "actor", "critic_target", "actor_target"):
-        np.testing.assert_allclose(read(getattr(agent, net).flat), flat(expected[net]), rtol=1e-4, atol=1e-6)
+    assert agent.rng.bit_generator.state == rng_after.bit_generator.state   # the update drew exactly that batch
+    assert_matches(agent, expected, losses, adam_state)
 
 
-def test_every_parameter_trains():
-    agent, memory = agent_and_memory("1d-window", seed=3)
-    before = {net: params(getattr(agent, net)) for net in ("actor", "critic")}
+@pytest.mark.parametrize("case", ["1d-kinks", "2d-search"])
+def test_three_updates_equal_numpy(case):
+    """The second call of the compiled update captures it and the third replays it: new batches, new
+    candidate buffers, Adam's bias corrections for t = 2, 3."""
+    space, k, seed = CASES[case]
+    agent = make_agent(space, k, seed)
+    memory = random_memory(agent, seed)
+    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
+    for _ in range(3):
+        expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
+        assert_matches(agent, expected, agent.update(memory), adam_state)
+        p = expected[0]
+
+
+@pytest.mark.parametrize("weight_decay", [CFG["weight_decay"], 0.0])
+def test_every_parameter_element_trains(weight_decay):
+    """One update moves every element of the actor and the critic, biases included. Without weight decay
+    an element moves by its own gradient only: exactly the elements whose numpy gradient is non-zero move
+    (most of them; the others meet a ReLU that is off in every row of the batch)."""
+    space, k, seed = CASES["2d-search"]
+    agent = make_agent(space, k, seed, weight_decay=weight_decay)
+    memory = random_memory(agent, seed)
+    before = numpy_params(agent)
+    adam_state = {"critic": {}, "actor": {}}
+    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    expected_update(before, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
     agent.update(memory)
-    for net, old in before.items():
-        new = params(getattr(agent, net))
+    after = numpy_params(agent)
+    for net in ("critic", "actor"):
         for name in NAMES:
-            assert np.all(new[name] != old[name]), f"{net}.{name} has entries that did not change"
+            moved = after[net][name] != before[net][name]
+            if weight_decay:
+                assert moved.all(), f"{net}.{name}: elements {np.argwhere(~moved).tolist()} did not change"
+            else:
+                gradient = adam_state[net][name][0]   # 0.1 * gradient
+                assert np.all((gradient == 0) | (np.abs(gradient) > 1e-7)), "a tiny gradient: pick another seed"
+                assert (gradient != 0).mean() > 0.6
+                np.testing.assert_array_equal(moved, gradient != 0, err_msg=f"{net}.{name}: moved vs gradient")
 
 
 def test_termination_cuts_the_return_and_truncation_bootstraps():
-    agent, memory = agent_and_memory("1d-window", seed=4)
-    memory.size = memory.next = 0
-    state, action, next_state = np.ones(S), agent.space.points(7), np.full(S, 0.5)
-    for _ in range(50):  # all identical, so the sampled batch is known
-        memory.append(state, action, 1.0, next_state, terminated=False)  # time-limit truncation
-    rows = lambda x: np.repeat(np.asarray(x, float)[None], BATCH, 0)
-    q_next = expected_update(agent, rows(state), rows(action), np.ones(BATCH), rows(next_state), np.zeros(BATCH))
-    bootstrapped = agent.update(memory)[0]
-    assert bootstrapped == pytest.approx(q_next["losses"][0], rel=1e-4)
-
-    agent, memory = agent_and_memory("1d-window", seed=4)
-    memory.size = memory.next = 0
-    for _ in range(50):
-        memory.append(state, action, 1.0, next_state, terminated=True)
-    q = critic_forward(params(agent.critic), state[None], action[None].astype(float))[0][0]
-    terminal = agent.update(memory)[0]
-    assert terminal == pytest.approx((q - 1.0) ** 2, rel=1e-4)   # y = r exactly, no bootstrap
-    assert abs(terminal - bootstrapped) > 1e-3
+    """Two transitions that differ only in `terminated` (the other one a time-limit truncation, stored
+    as terminated = 0): the terminated one's target is r, the truncated one's r + gamma * Q'(s', a')."""
+    space, k, seed = CASES["1d-window"]
+    agent = make_agent(space, k, seed)
+    memory = ReplayMemory(10, S, 1)
+    s, a, r, s2 = np.array([0.3, -1.2, 0.8]), agent.space.points(12), 0.5, np.array([-0.4, 0.9, 0.1])
+    memory.append(s, a, r, s2, terminated=True)
+    memory.append(s, a, r, s2, terminated=False)
+    batch = next_batch(agent, memory)
+    terminated = batch[4]
+    assert 0 < terminated.sum() < BATCH
+    p = numpy_params(agent)
+    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    a_next = grid[target_actions(p, s2[None], grid, k)]
+    bootstrap = CFG["gamma"] * critic_forward(p["critic_target"], s2[None], a_next)[0][0]
+    q = critic_forward(p["critic"], s[None], a[None].astype(np.float64))[0][0]
+    loss = lambda y: np.mean((q - y) ** 2)
+    right = loss(r + (1 - terminated) * bootstrap)
+    wrong = {"never bootstraps": loss(np.full(BATCH, r)), "ignores terminated": loss(np.full(BATCH, r + bootstrap))}
+    assert all(abs(w - right) > 1e-2 * right for w in wrong.values()), "the test could not tell them apart"
+    assert agent.update(memory)[0] == pytest.approx(right, rel=1e-4)
