@@ -130,8 +130,6 @@ def build(args: argparse.Namespace) -> Setup:
     else:
         raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
     k = args.k if args.k is not None else max(1, int(args.k_ratio * space.n))
-    if not 1 <= k <= space.n:
-        raise UsageError(f"k = {k} is impossible with {space.n} actions (need 1 <= k <= {space.n})")
     for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -143,7 +141,10 @@ def build(args: argparse.Namespace) -> Setup:
                      p_lr=args.p_lr, weight_decay=args.weight_decay, gamma=args.gamma, tau=args.tau_update,
                      batch_size=args.bsize, ou_theta=args.ou_theta, ou_sigma=args.ou_sigma, ou_mu=args.ou_mu,
                      epsilon=args.epsilon)
-    agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring)
+    try:
+        agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring)
+    except ValueError as e:  # an impossible k
+        raise UsageError(str(e)) from None
     if args.mode == "test" or args.load:
         if len(args.load_model_dir) != 1:
             raise UsageError("--mode test and --load need exactly one --load-model-dir")
