@@ -78,6 +78,8 @@ class RunLog:
 
     def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None = None):
         self.line(f"Ep:{episode} | R:{ret:.2f}")
+        if eval_return is not None:
+            self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.2f}")
         self._csv.writerow([episode, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
                             "" if eval_return is None else f"{eval_return:.4f}"])
 

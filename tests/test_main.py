@@ -52,6 +52,7 @@ def test_cartpole_trains_and_writes_its_run_folder(cartpole):
     assert [e.split(" | ")[0] for e in episodes] == ["Ep:1", "Ep:2", "Ep:3", "Ep:4"]
     assert all(float(e.split("R:")[1]) > 0 for e in episodes)
     assert "### Model Saved before Ep:3 ###" in lines and lines[-1] == "### Model Saved before Ep:5 ###"
+    assert [line.split(" | ")[0] for line in lines if line.startswith("Eval")] == ["Eval after Ep:2", "Eval after Ep:4"]
     rows = metrics(run_dir)
     assert list(rows[0]) == ["episode", "env_steps", "return", "wall_seconds", "eval_return"]
     assert [r["episode"] for r in rows] == ["1", "2", "3", "4"]
