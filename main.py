@@ -121,14 +121,17 @@ def build(args: argparse.Namespace) -> Setup:
         raise UsageError(f"{env_id} has a {type(env.observation_space).__name__} observation space; "
                          "supported: Box observations")
     act = env.action_space
-    if isinstance(act, gym.spaces.Box):
-        if args.max_actions < 1:
-            raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
-        space = GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
-    elif isinstance(act, gym.spaces.Discrete):
-        space = GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
-    else:
-        raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
+    try:
+        if isinstance(act, gym.spaces.Box):
+            if args.max_actions < 1:
+                raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
+            space = GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
+        elif isinstance(act, gym.spaces.Discrete):
+            space = GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
+        else:
+            raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
+    except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
+        raise UsageError(f"{env_id}: {e}") from None
     k = args.k if args.k is not None else max(1, int(args.k_ratio * space.n))
     for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
         if getattr(args, flag) < 1:
@@ -168,7 +171,7 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
     obs, _ = env.reset(seed=seed)
     agent.reset_noise()
     episode_return = 0.0
-    for t in range(max_steps):
+    for _ in range(max_steps):
         index = agent.random_action() if step < warmup else agent.select_action(obs, explore=explore)
         next_obs, reward, terminated, truncated, _ = env.step(space.to_env(index))
         episode_return += float(reward)
