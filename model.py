@@ -75,7 +75,9 @@ class Actor(FlatParams):
     def __call__(self, states: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         p = params or self.views()
         x = states.linear(p["fc1.weight"].T, p["fc1.bias"]).relu()
-        x = x.linear(p["fc2.weight"].T, p["fc2.bias"]).relu()
+        # contiguous ends the kernel here: fused with fc3's reduction, the fc2 matmul ran 3x slower on
+        # the CPU (batch 64: 570 instead of 180 us)
+        x = x.linear(p["fc2.weight"].T, p["fc2.bias"]).relu().contiguous()
         return x.linear(p["fc3.weight"].T, p["fc3.bias"]).softsign()
 
     def clone(self) -> Actor:
@@ -107,9 +109,12 @@ class Critic(FlatParams):
     def __call__(self, states: Tensor, actions: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Q values, shape (batch,), for states (batch, state_dim) and actions (batch, action_dim)."""
         p = params or self.views()
-        h = states.linear(p["fc1.weight"].T, p["fc1.bias"]).relu()
-        x = h.cat(actions, dim=1).linear(p["fc2.weight"].T, p["fc2.bias"]).relu()
-        return x.linear(p["fc3.weight"].T, p["fc3.bias"])[:, 0]
+        x = (self._state_part(states, p) + actions.matmul(self._action_weight(p).T)).relu()
+        return x.contiguous().linear(p["fc3.weight"].T, p["fc3.bias"])[:, 0]  # contiguous: see Actor.__call__
+
+    def _action_weight(self, p: dict[str, Tensor]) -> Tensor:
+        """fc2's columns that multiply the action, shape (hidden2, action_dim)."""
+        return p["fc2.weight"][:, self.dims[2]:]
 
     def _state_part(self, states: Tensor, p: dict[str, Tensor]) -> Tensor:
         """fc2's pre-activation without the action term, shape (batch, hidden2)."""
@@ -119,7 +124,7 @@ class Critic(FlatParams):
     def score(self, states: Tensor, candidates: Tensor) -> Tensor:
         """Q of every candidate action for its own state: states (B, S), candidates (B, K, A) -> (B, K)."""
         p = self.views()
-        pre = self._state_part(states, p).unsqueeze(1) + candidates.matmul(p["fc2.weight"][:, self.dims[2]:].T)
+        pre = self._state_part(states, p).unsqueeze(1) + candidates.matmul(self._action_weight(p).T)
         return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
 
     def score_full(self, states: Tensor, candidates: Tensor) -> Tensor:
@@ -135,6 +140,6 @@ class Critic(FlatParams):
         at the interval's ends or beside a kink. Units with a zero action weight never cross (inf).
         """
         p = self.views()
-        w_action = p["fc2.weight"][:, self.dims[2]]
+        w_action = self._action_weight(p)[:, 0]
         safe = (w_action == 0).where(1.0, w_action)
         return (w_action == 0).where(float("inf"), -self._state_part(states, p) / safe)

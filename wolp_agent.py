@@ -48,6 +48,8 @@ class WolpertingerAgent(DDPG):
 
     def _best_candidate(self, states: Tensor, candidates: Tensor) -> Tensor:
         """Position (B,) of the online critic's best candidate of each state."""
+        if candidates.shape[1] == 1:  # a lone candidate needs no critic
+            return Tensor.zeros(candidates.shape[0], dtype="int32")
         return self._score(states, candidates).argmax(1)
 
     def _window_best(self, states: Tensor, protos: Tensor) -> Tensor:
