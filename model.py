@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 
 
@@ -31,8 +32,10 @@ class FlatParams:
         of a slice is a padded tensor, and summing six padded gradients costs far more than joining six."""
         return {name: self.view(name) for name in self.shapes}
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {name: view.contiguous() for name, view in self.views().items()}
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters as numpy arrays, by name (copied out once, no device kernel)."""
+        flat = self.flat.numpy()
+        return {name: flat[lo:hi].reshape(self.shapes[name]) for name, (lo, hi) in self.offsets.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy `state` into the existing buffer, so compiled graphs that read it see the new values."""

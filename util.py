@@ -6,8 +6,10 @@ place, so an interrupted write never leaves a half-written file; logs are append
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -44,9 +46,22 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_tensors(path: Path, tensors: dict) -> None:
-    from tinygrad.nn.state import safe_save
-    write_atomically(path, lambda tmp: safe_save(tensors, str(tmp)))
+def save_tensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as a float32 safetensors file, atomically. Plain numpy: tinygrad's safe_save runs a CPU
+    kernel, which fails on a GPU machine without a C compiler for the CPU."""
+    header, start = {}, 0
+    for name, array in arrays.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [start, start + 4 * array.size]}
+        start += 4 * array.size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for array in arrays.values():
+                f.write(np.ascontiguousarray(array, "<f4").tobytes())
+    write_atomically(path, write)
 
 
 def load_tensors(path: Path) -> dict:

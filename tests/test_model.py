@@ -69,3 +69,17 @@ def test_q_is_linear_between_kinks():
     hidden = np.maximum(critic._state_part(state, critic.views()).numpy()[0][:, None]
                         + critic.view("fc2.weight").numpy()[:, 32:33] * xs[None], 0)
     assert np.allclose(q, critic.view("fc3.weight").numpy()[0] @ hidden + critic.view("fc3.bias").numpy()[0], atol=1e-5)
+
+
+def test_saved_checkpoint_is_standard_safetensors(tmp_path):
+    """save_tensors writes with numpy alone; tinygrad's own reader gets every tensor back exactly."""
+    from tinygrad.nn.state import safe_load
+
+    from util import save_tensors
+    critic = Critic(3, 2, 8, 4)
+    save_tensors(tmp_path / "critic.safetensors", critic.state_dict())
+    loaded = safe_load(tmp_path / "critic.safetensors")
+    assert list(loaded) == list(critic.shapes)
+    for name, shape in critic.shapes.items():
+        assert tuple(loaded[name].shape) == shape
+        np.testing.assert_array_equal(loaded[name].numpy(), critic.view(name).numpy())
