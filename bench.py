@@ -114,7 +114,7 @@ REFERENCE_CURVES = {
 def train_seed(job: tuple[list[str], Path]) -> Path:
     """Run main.py for one seed in its own process; returns its run folder."""
     argv, output = job
-    # HCQ2's host thread spin-waits for the kernels, taking a core that a parallel seed needs (4 runs on
+    # HCQ2's host thread spin-waits for the kernels, taking a core that a parallel seed needs (roughly, 4 runs on
     # 2 cores: 22.6 ms per Pendulum step with it, 18.4 without); the numbers computed are the same
     env = {**os.environ, "HCQ2": os.environ.get("HCQ2", "0")}
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("main.py")), *argv, "--output", str(output)],
