@@ -121,11 +121,11 @@ class DDPG:
         self._update = TinyJit(self._update_graph)
 
     # --- exploration -----------------------------------------------------------------------------------------
-    def exploration_noise(self) -> np.ndarray:
-        """OU noise scaled by epsilon, which decays linearly from 1 to 0 over `cfg.epsilon` calls."""
+    def exploration_scale(self) -> float:
+        """This action selection's exploration scale: epsilon, decaying linearly from 1 to 0 over `cfg.epsilon`."""
         scale = max(self.epsilon, 0.0)
         self.epsilon -= 1.0 / self.cfg.epsilon
-        return scale * self.noise.sample()
+        return scale
 
     def reset_noise(self) -> None:
         self.noise.reset()

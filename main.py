@@ -56,10 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ou_mu", type=float, default=0.0)
     p.add_argument("--init_w", type=float, default=0.003)
     p.add_argument("--epsilon", type=int, default=80000, help="steps over which the noise scale decays to 0")
+    p.add_argument("--random-candidate", type=float, default=0.0,
+                   help="probability, times the decaying noise scale, of playing a uniformly random one of the k "
+                        "candidates instead of the critic's best (0: the reference)")
     p.add_argument("--seed", type=int, default=-1, help="<= 0: unseeded")
     p.add_argument("--save_per_epochs", type=int, default=15, help="save every N episodes")
     p.add_argument("--id", default="0", help="experiment id")
-    p.add_argument("--k-ratio", type=float, default=0.1, help="k = max(1, int(k_ratio * number of actions))")
+    p.add_argument("--k-ratio", type=float, default=0.1,
+                   help="k = max(min(2, number of actions), int(k_ratio * number of actions)); the reference used "
+                        "max(1, ...), which leaves the critic no choice below 20 actions (--k 1 restores it there)")
     p.add_argument("--k", type=int, default=None, help="number of neighbours (overrides --k-ratio)")
     p.add_argument("--knn", default="auto", choices=("auto", "lattice", "flann"),
                    help="auto/lattice: exact search on the grid; flann: the reference's FLANN kd-tree")
@@ -137,7 +142,7 @@ def build(args: argparse.Namespace) -> Setup:
             raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
     except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
         raise UsageError(f"{env_id}: {e}") from None
-    k = args.k if args.k is not None else max(1, int(args.k_ratio * space.n))
+    k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
     for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -150,8 +155,9 @@ def build(args: argparse.Namespace) -> Setup:
                      batch_size=args.bsize, ou_theta=args.ou_theta, ou_sigma=args.ou_sigma, ou_mu=args.ou_mu,
                      epsilon=args.epsilon)
     try:
-        agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring)
-    except ValueError as e:  # an impossible k
+        agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring,
+                                  random_candidate=args.random_candidate)
+    except ValueError as e:  # an impossible k or probability
         raise UsageError(str(e)) from None
     if args.mode == "test" or args.load:
         if len(args.load_model_dir) != 1:

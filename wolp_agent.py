@@ -21,13 +21,15 @@ SCORINGS = ("factored", "full")
 
 class WolpertingerAgent(DDPG):
     def __init__(self, state_dim: int, space: GridActionSpace, k: int, cfg: DDPGConfig, rng: np.random.Generator,
-                 scoring: str = "factored"):
+                 scoring: str = "factored", random_candidate: float = 0.0):
         if not 1 <= k <= space.n:
             raise ValueError(f"k = {k} must lie between 1 and the number of actions, {space.n}")
+        if not 0.0 <= random_candidate <= 1.0:
+            raise ValueError(f"the random-candidate probability must lie in [0, 1] (got {random_candidate})")
         if scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
         super().__init__(state_dim, space.dim, cfg, rng)
-        self.space, self.k, self.scoring = space, k, scoring
+        self.space, self.k, self.scoring, self.random_candidate = space, k, scoring, random_candidate
         # a window of float indices is exact up to 2**24 points
         self.in_graph_window = space.dim == 1 and space.knn == "lattice" and 1 < space.n < 2 ** 24
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
@@ -52,8 +54,9 @@ class WolpertingerAgent(DDPG):
             return Tensor.zeros(candidates.shape[0], dtype="int32")
         return self._score(states, candidates).argmax(1)
 
-    def _window_best(self, states: Tensor, protos: Tensor) -> Tensor:
-        """Float grid index (B,) of the best of the k grid points nearest to each 1-d proto-action."""
+    def _window_best(self, states: Tensor, protos: Tensor) -> tuple[Tensor, Tensor]:
+        """Float grid indices (B,) of the best of the k grid points nearest to each 1-d proto-action, and of
+        the first of those k (the window is [first, first + k - 1])."""
         n, k, step = self.space.n, self.k, self.space.step
         lo = ((protos[:, 0] + 1) / step - k / 2).ceil().clip(0, n - k).unsqueeze(1)    # window [lo, lo + k - 1]
         hi = lo + (k - 1)
@@ -63,14 +66,14 @@ class WolpertingerAgent(DDPG):
             kinks = ((self.critic.kinks(states) + 1) / step).clip(lo, hi).floor()
             indices = Tensor.cat(lo, hi, kinks, (kinks + 1).clip(lo, hi), dim=1)
         best = self._best_candidate(states, (indices * step - 1).unsqueeze(2))
-        return indices.gather(1, best.unsqueeze(1))[:, 0]
+        return indices.gather(1, best.unsqueeze(1))[:, 0], lo[:, 0]
 
     # --- compiled graphs -------------------------------------------------------------------------------------
     def _proto_of(self, state: Tensor, noise: Tensor) -> Tensor:
         return (self.actor(state) + noise).clip(-1, 1)
 
     def _act_window_graph(self, state: Tensor, noise: Tensor) -> Tensor:
-        return self._window_best(state, self._proto_of(state, noise)).realize()
+        return Tensor.cat(*self._window_best(state, self._proto_of(state, noise))).realize()
 
     def _proto_graph(self, state: Tensor, noise: Tensor) -> Tensor:
         return self._proto_of(state, noise).realize()
@@ -84,7 +87,7 @@ class WolpertingerAgent(DDPG):
     def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
         if self.in_graph_window:
             protos = self.actor_target(next_states).clip(-1, 1)
-            return self._window_best(next_states, protos).unsqueeze(1) * self.space.step - 1
+            return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
         candidates, = target_inputs
         best = self._best_candidate(next_states, candidates)
         return candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0]
@@ -100,11 +103,22 @@ class WolpertingerAgent(DDPG):
         return int(self.space.nearest(self.rng.uniform(-1, 1, (1, self.space.dim)))[0])
 
     def select_action(self, state: np.ndarray, explore: bool = True) -> int:
-        """Index of the action to play: the best of the k neighbours of actor(s) (+ decaying OU noise)."""
+        """Index of the action to play: the critic's best of the k neighbours of actor(s) + decaying OU noise.
+
+        Exploring, a uniformly random one of the k neighbours is played instead with probability
+        `random_candidate` times the noise's decaying scale: with k = n (all actions, e.g. CartPole's
+        two) the proto-action's noise cannot change the critic's choice, so this is the only exploration.
+        """
+        scale = self.exploration_scale() if explore else 0.0
         write(self.state_in, state)
-        write(self.noise_in, self.exploration_noise() if explore else np.zeros(self.space.dim))
+        write(self.noise_in, scale * self.noise.sample() if explore else np.zeros(self.space.dim))
+        p_random = self.random_candidate * scale
+        pick_random = p_random > 0 and self.rng.random() < p_random
         if self.in_graph_window:
-            return int(read(self._act(self.state_in, self.noise_in))[0])
+            best, first = read(self._act(self.state_in, self.noise_in))
+            return int(first + self.rng.integers(self.k) if pick_random else best)
         neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
+        if pick_random:
+            return int(neighbours[0, self.rng.integers(self.k)])
         write(self.act_candidates, self.space.points(neighbours))
         return int(neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])])

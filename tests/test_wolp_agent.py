@@ -54,10 +54,18 @@ CASES = {
 }
 
 
-def make_agent(case, batch_size=32, seed=0, scoring="factored"):
+def make_agent(case, batch_size=32, seed=0, scoring="factored", random_candidate=0.0):
     Tensor.manual_seed(seed)
     cfg = DDPGConfig(hidden1=32, hidden2=16, batch_size=batch_size, init_w=0.3)  # a big init_w: varied Q values
-    return WolpertingerAgent(S, CASES[case]["space"](), CASES[case]["k"], cfg, np.random.default_rng(seed), scoring)
+    return WolpertingerAgent(S, CASES[case]["space"](), CASES[case]["k"], cfg, np.random.default_rng(seed), scoring,
+                             random_candidate)
+
+
+def explore_once(agent, state, actor):
+    """One exploring action selection, and the noisy proto-action it started from (`actor` from numpy_nets)."""
+    scale = max(agent.epsilon, 0.0)
+    index = agent.select_action(state, explore=True)
+    return index, actor("actor", state[None].astype(np.float64))[0] + scale * agent.noise.x
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -82,6 +90,32 @@ def test_acting_without_noise_picks_the_brute_force_best(case):
     states = np.random.default_rng(2).normal(size=(6, S))
     expected, _ = brute_force_choice(agent, states, actor("actor", states))
     assert [agent.select_action(s, explore=False) for s in states] == expected.tolist()
+
+
+@pytest.mark.parametrize("case", ["1d-window", "1d-small-k", "2d-lattice"])
+def test_exploring_picks_the_best_neighbour_of_the_noisy_proto_action(case):
+    agent = make_agent(case)
+    agent.noise.sigma = 20.0  # noise large enough to move the proto-action by many grid points
+    states = np.random.default_rng(2).normal(size=(6, S))
+    actor, _ = numpy_nets(agent)
+    picks = [explore_once(agent, s, actor) for s in states]
+    expected, _ = brute_force_choice(agent, states, np.array([proto for _, proto in picks]))
+    assert [index for index, _ in picks] == expected.tolist()
+
+
+@pytest.mark.parametrize("case", ["1d-small-k", "2d-lattice", "discrete"])
+def test_random_candidate_is_uniform_over_the_k_neighbours(case):
+    agent = make_agent(case, random_candidate=1.0)
+    agent.cfg.epsilon = 1e9  # keep the scale, and so the probability, at 1
+    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    state, counts, (actor, _) = np.random.default_rng(6).normal(size=S), {}, numpy_nets(agent)
+    for _ in range(40 * agent.k):
+        index, proto = explore_once(agent, state, actor)
+        neighbours = np.argsort(((grid - np.clip(proto, -1, 1)) ** 2).sum(1), kind="stable")[:agent.k]
+        assert index in neighbours
+        position = int(np.flatnonzero(neighbours == index)[0])  # rank among the neighbours: 0 nearest
+        counts[position] = counts.get(position, 0) + 1
+    assert sorted(counts) == list(range(agent.k)) and max(counts.values()) < 80  # all ranks, none 2x its share
 
 
 def test_plain_scoring_picks_the_same_actions():
