@@ -111,9 +111,9 @@ REFERENCE_CURVES = {
 }
 
 
-def train_seed(job: tuple[list[str], Path]) -> Path:
-    """Run main.py for one seed in its own process; returns its run folder."""
-    argv, output = job
+def run_main(argv: list[str], output: Path) -> Path:
+    """Run main.py in its own process with `--output output`; returns the run folder it made."""
+    before = set(output.glob("*-run*"))
     # HCQ2's host thread spin-waits for the kernels, taking a core that a parallel seed needs (roughly, 4 runs on
     # 2 cores: 22.6 ms per Pendulum step with it, 18.4 without); the numbers computed are the same
     env = {**os.environ, "HCQ2": os.environ.get("HCQ2", "0")}
@@ -121,7 +121,17 @@ def train_seed(job: tuple[list[str], Path]) -> Path:
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()[-500:]}")
-    return next(output.glob("*-run*"))
+    return (set(output.glob("*-run*")) - before).pop()
+
+
+def train_and_test_seed(job: tuple[list[str], Path, int]) -> tuple[Path, Path | None]:
+    """Train one seed, then (test_episodes > 0) play its final weights without noise; returns both run folders."""
+    argv, output, test_episodes = job
+    train_run = run_main(argv, output)
+    if test_episodes <= 0:
+        return train_run, None
+    return train_run, run_main([*argv, "--mode", "test", "--load-model-dir", str(train_run),
+                                "--test-episode", str(test_episodes)], output)
 
 
 def window_mean(values: np.ndarray, first: int, last: int) -> float:
@@ -133,17 +143,20 @@ def learn(opts: argparse.Namespace) -> None:
     out = Path(opts.out or f"bench_learn/{env_folder_name(opts.env)}")
     seeds = list(range(1, opts.seeds + 1))
     jobs = [(["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(s), *opts.main_flags],
-             out / f"seed{s}") for s in seeds]
+             out / f"seed{s}", opts.test_episodes) for s in seeds]
     start = time.time()
-    if opts.summarize:
-        runs = [next(folder.glob("*-run*")) for _, folder in jobs]
+    if opts.summarize:  # run1: the training; run2, where present: the test of its final weights
+        runs = [(folder / f"{env_folder_name(opts.env)}-run1", folder / f"{env_folder_name(opts.env)}-run2")
+                for _, folder, _ in jobs]
+        runs = [(train, test if test.is_dir() else None) for train, test in runs]
     else:
-        for _, folder in jobs:
+        for _, folder, _ in jobs:
             if folder.exists():
                 raise SystemExit(f"error: {folder} exists; choose another --out (or --summarize it)")
+            folder.mkdir(parents=True)
         with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-            runs = list(pool.map(train_seed, jobs))
-    per_seed = {s: read_metrics(run / "metrics.csv") for s, run in zip(seeds, runs)}
+            runs = list(pool.map(train_and_test_seed, jobs))
+    per_seed = {s: read_metrics(train / "metrics.csv") for s, (train, _) in zip(seeds, runs)}
     returns = np.array([m["return"] for m in per_seed.values()])
     evals = np.array([m["eval_return"] for m in per_seed.values()])
     evaluated = ~np.isnan(evals[0])
@@ -153,15 +166,17 @@ def learn(opts: argparse.Namespace) -> None:
     if not opts.summarize:
         summary["wall_seconds_total"] = time.time() - start
     for s, m in per_seed.items():
-        ev = m["eval_return"]
+        ev, (train, test) = m["eval_return"], runs[seeds.index(s)]
         summary["per_seed"][s] = {
-            "run": str(runs[seeds.index(s)]), "wall_seconds": float(m["wall_seconds"][-1]),
+            "run": str(train), "wall_seconds": float(m["wall_seconds"][-1]),
             "mean_return_1_100": window_mean(m["return"], 1, 100),
             "mean_return_101_200": window_mean(m["return"], 101, 200),
             "final_eval": float(ev[~np.isnan(ev)][-1]) if (~np.isnan(ev)).any() else None,
             "best_eval": float(np.nanmax(ev)) if (~np.isnan(ev)).any() else None,
             "first_eval_at_least_475": next((int(e) for e, v in zip(m["episode"], ev) if v >= 475), None),
-            "first_return_500": next((int(e) for e, r in zip(m["episode"], m["return"]) if r >= 500), None)}
+            "first_return_500": next((int(e) for e, r in zip(m["episode"], m["return"]) if r >= 500), None),
+            "final_weights_test_episodes": len(read_metrics(test / "metrics.csv")["return"]) if test else 0,
+            "final_weights_test_mean": float(np.mean(read_metrics(test / "metrics.csv")["return"])) if test else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_seed_band(episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0),
                    REFERENCE_CURVES.get(opts.env, []), out / "learning_curve.png",
@@ -183,6 +198,8 @@ def main() -> None:
     lp.add_argument("--episodes", type=int, default=300)
     lp.add_argument("--seeds", type=int, default=5)
     lp.add_argument("--out", default=None, help="folder for the runs and the summary (default bench_learn/<env>)")
+    lp.add_argument("--test-episodes", type=int, default=100,
+                    help="noise-free episodes played with each seed's final weights after training (0: none)")
     lp.add_argument("--summarize", action="store_true", help="skip training: summarise the runs already in --out")
     lp.add_argument("main_flags", nargs="*", help="after --: further main.py flags, e.g. -- --max-actions 200000")
     opts = p.parse_args()

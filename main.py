@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # heavy imports wait until the arguments are known good
 
 RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has renamed
 
+# The soft target update rate depends on the env's action space, chosen by 5-seed measurements (README,
+# "Learning results"): a small Discrete set (CartPole, episodes that end on failure) needs a faster target network
+# to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
+DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01}
+
 # tinygrad's HCQ2 runtime runs a compiled graph as one native call instead of one Python call per kernel
 # (CartPole: 4.0 instead of 4.9 ms per step). tinygrad reads it once, when first imported; HCQ2=0 turns it off.
 os.environ.setdefault("HCQ2", "1")
@@ -50,13 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=128, help="random steps before the first update")
     p.add_argument("--bsize", type=int, default=64, help="minibatch size")
     p.add_argument("--rmsize", type=int, default=6000000, help="replay memory capacity")
-    p.add_argument("--tau-update", type=float, default=0.001, help="soft target update rate")
+    p.add_argument("--tau-update", type=float, default=None,
+                   help="soft target update rate (default: 0.001, the reference's, for a Box action space; "
+                        "0.01 for a Discrete one)")
     p.add_argument("--ou_theta", type=float, default=0.15)
     p.add_argument("--ou_sigma", type=float, default=0.2)
     p.add_argument("--ou_mu", type=float, default=0.0)
     p.add_argument("--init_w", type=float, default=0.003)
     p.add_argument("--epsilon", type=int, default=80000, help="steps over which the noise scale decays to 0")
-    p.add_argument("--random-candidate", type=float, default=0.0,
+    p.add_argument("--random-candidate", type=float, default=0.3,
                    help="probability, times the decaying noise scale, of playing a uniformly random one of the k "
                         "candidates instead of the critic's best (0: the reference)")
     p.add_argument("--seed", type=int, default=-1, help="<= 0: unseeded")
@@ -131,6 +138,8 @@ def build(args: argparse.Namespace) -> Setup:
         raise UsageError(f"{env_id} has a {type(env.observation_space).__name__} observation space; "
                          "supported: Box observations")
     act = env.action_space
+    if args.tau_update is None:
+        args.tau_update = DEFAULT_TAU.get(type(act).__name__)
     try:
         if isinstance(act, gym.spaces.Box):
             if args.max_actions < 1:

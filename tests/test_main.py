@@ -62,6 +62,22 @@ def test_cartpole_trains_and_writes_its_run_folder(cartpole):
     assert_run_files(run_dir)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--env", "CartPole-v1"], dict(k=2, tau=0.01, random_candidate=0.3)),
+    (["--env", "Pendulum-v0"], dict(k=20000, tau=0.001, random_candidate=0.3)),
+    (["--env", "CartPole-v1", "--k", "1", "--tau-update", "0.001", "--random-candidate", "0"],  # the reference
+     dict(k=1, tau=0.001, random_candidate=0.0)),
+    (["--env", "Pendulum-v0", "--max-actions", "15", "--tau-update", "0.02", "--random-candidate", "0.5"],
+     dict(k=2, tau=0.02, random_candidate=0.5)),
+])
+def test_defaults_by_action_space_and_flags_that_override_them(flags, expected):
+    import main
+    args = main.parse_args(flags)
+    setup = main.build(args)
+    got = dict(k=setup.k, tau=setup.agent.cfg.tau, random_candidate=setup.agent.random_candidate)
+    assert got == expected and (args.tau_update, args.random_candidate) == (expected["tau"], expected["random_candidate"])
+
+
 def test_same_seed_same_returns(cartpole, tmp_path):
     _, first = cartpole
     assert run_main(*SHORT_CARTPOLE, "--output", tmp_path).returncode == 0
