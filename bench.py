@@ -139,7 +139,8 @@ def window_mean(values: np.ndarray, first: int, last: int) -> float:
 
 
 def learn(opts: argparse.Namespace) -> None:
-    """Train --seeds seeds in parallel processes; write per-seed runs, summary.json and learning_curve.png."""
+    """Train --seeds seeds in parallel processes, each then tested with its final weights (--test-episodes);
+    write per-seed runs, summary.json and learning_curve.png."""
     out = Path(opts.out or f"bench_learn/{env_folder_name(opts.env)}")
     seeds = list(range(1, opts.seeds + 1))
     jobs = [(["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(s), *opts.main_flags],
@@ -180,7 +181,7 @@ def learn(opts: argparse.Namespace) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_seed_band(episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0),
                    REFERENCE_CURVES.get(opts.env, []), out / "learning_curve.png",
-                   f"{opts.env} {' '.join(opts.main_flags)}: {len(seeds)} seeds")
+                   f"{' '.join([opts.env, *opts.main_flags])}: {len(seeds)} seeds")
     print(json.dumps(summary["per_seed"], indent=1))
     print(f"wrote {out / 'summary.json'} and {out / 'learning_curve.png'}")
 

@@ -168,6 +168,7 @@ class DDPG:
 
     def save(self, folder: Path) -> None:
         """Write actor, critic and both targets as safetensors files in `folder` (each written atomically)."""
+        folder.mkdir(parents=True, exist_ok=True)
         for name, net in self.networks().items():
             save_tensors(folder / f"{name}.safetensors", net.state_dict())
 

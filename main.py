@@ -237,7 +237,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     # Ctrl-C, and a plain `kill`, end training with everything saved (also where SIGINT was ignored, e.g. under nohup)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
-    start, step, episode, interrupted = time.time(), 0, 0, False
+    start, step, episode, interrupted, best_eval = time.time(), 0, 0, False, -np.inf
     bar = progress(args.max_episode)
     try:
         for episode in range(1, args.max_episode + 1):
@@ -246,6 +246,9 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
             eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
                 if args.eval_every > 0 and episode % args.eval_every == 0 else None
             log.episode(episode, step, ret, time.time() - start, eval_ret)
+            if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
+                best_eval = eval_ret
+                agent.save(run_dir / "best")
             bar.update(1)
             bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
             if episode % args.save_per_epochs == 0:

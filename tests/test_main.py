@@ -97,6 +97,15 @@ def test_pendulum_v0_maps_to_v1_and_trains(tmp_path):
     assert_run_files(run_dir)
 
 
+def test_best_evaluation_keeps_its_weights(cartpole):
+    _, run_dir = cartpole
+    first, last = [float(r["eval_return"]) for r in metrics(run_dir) if r["eval_return"]]
+    best = run_dir / "best"
+    assert sorted(p.name for p in best.iterdir()) == sorted(f"{name}.safetensors" for name in NETWORKS)
+    # no update runs between the last evaluation and the final save: the same weights if and only if it was best
+    assert ((best / "actor.safetensors").read_bytes() == (run_dir / "actor.safetensors").read_bytes()) == (last > first)
+
+
 def test_test_mode_reloads_the_weights(cartpole):
     output, run_dir = cartpole
     before = snapshot(run_dir)
