@@ -168,6 +168,7 @@ def learn(opts: argparse.Namespace) -> None:
         summary["wall_seconds_total"] = time.time() - start
     for s, m in per_seed.items():
         ev, (train, test) = m["eval_return"], runs[seeds.index(s)]
+        test_returns = read_metrics(test / "metrics.csv")["return"] if test else np.array([])
         summary["per_seed"][s] = {
             "run": str(train), "wall_seconds": float(m["wall_seconds"][-1]),
             "mean_return_1_100": window_mean(m["return"], 1, 100),
@@ -176,8 +177,8 @@ def learn(opts: argparse.Namespace) -> None:
             "best_eval": float(np.nanmax(ev)) if (~np.isnan(ev)).any() else None,
             "first_eval_at_least_475": next((int(e) for e, v in zip(m["episode"], ev) if v >= 475), None),
             "first_return_500": next((int(e) for e, r in zip(m["episode"], m["return"]) if r >= 500), None),
-            "final_weights_test_episodes": len(read_metrics(test / "metrics.csv")["return"]) if test else 0,
-            "final_weights_test_mean": float(np.mean(read_metrics(test / "metrics.csv")["return"])) if test else None}
+            "final_weights_test_episodes": len(test_returns),
+            "final_weights_test_mean": float(np.mean(test_returns)) if test else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_seed_band(episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0),
                    REFERENCE_CURVES.get(opts.env, []), out / "learning_curve.png",

@@ -48,7 +48,7 @@ CASES = {
     "1d-small-k": dict(space=lambda: GridActionSpace.continuous([-2.0], [2.0], 2001), k=20),
     "discrete": dict(space=lambda: GridActionSpace.discrete(5), k=2),
     "2d-lattice": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=17),
-    # k = 1 (CartPole's default): the nearest action, which needs no critic
+    # k = 1 (the reference's k on CartPole, --k 1): the nearest action, which needs no critic
     "discrete-k1": dict(space=lambda: GridActionSpace.discrete(2), k=1),
     "2d-k1": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=1),
 }
