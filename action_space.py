@@ -1,7 +1,11 @@
-"""The discrete action set: a uniform grid in [-1, 1]^d, its mapping to env actions, and k-NN search.
+"""Discrete action sets embedded in [-1, 1]^d: their points, their mapping to env actions, and k-NN search.
 
-Index i of the set is the i-th point of itertools.product over the axes' linspaces (the last axis
-varies fastest). Agents work in grid coordinates; `to_env` scales a point to the env exactly once.
+Every action set is one class implementing `ActionSpace`; the agent sees only that interface. An action is
+identified by an id that only its action set interprets (for a grid: an integer index); the agent stores
+the id's point in replay memory and hands the id to `to_env`.
+
+GridActionSpace: index i is the i-th point of itertools.product over the axes' linspaces (the last axis
+varies fastest). `to_env` scales a point to the env exactly once.
 """
 from __future__ import annotations
 
@@ -12,7 +16,33 @@ import numpy as np
 KNN_METHODS = ("auto", "lattice", "flann")
 
 
-class GridActionSpace:
+class ActionSpace:
+    """A set of `n` discrete actions, each with a point in [-1, 1]^dim that the actor's proto-action is compared to.
+
+    `search` returns ids with shape (batch, k) + id_shape: `ids[b, j]` is one action, which `points` maps
+    to coordinates and `to_env` to what the env's step takes.
+    """
+    dim: int
+    n: int
+
+    def points(self, ids: np.ndarray) -> np.ndarray:
+        """float32 coordinates in [-1, 1]^dim of action ids, shape (...) + (dim,)."""
+        raise NotImplementedError
+
+    def to_env(self, action_id):
+        """The env action for one action id, in the env's own format."""
+        raise NotImplementedError
+
+    def search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        """Ids of the k actions nearest to each proto-action: (batch, dim) -> (batch, k) + id_shape."""
+        raise NotImplementedError
+
+    def nearest(self, protos: np.ndarray) -> np.ndarray:
+        """Id of the action nearest to each proto-action, shape (batch,) + id_shape."""
+        return self.search(protos, 1)[:, 0]
+
+
+class GridActionSpace(ActionSpace):
     """A uniform grid of `points_per_axis ** dim` actions in [-1, 1]^dim.
 
     Continuous envs map a grid point linearly onto [low, high]; a Discrete(n) env is a 1-d grid of
@@ -55,10 +85,6 @@ class GridActionSpace:
             return self.discrete_start + int(index)
         point = self.points(index).astype(np.float64)
         return (self.low + (point + 1.0) * (self.high - self.low) / 2.0).astype(np.float32)
-
-    def nearest(self, protos: np.ndarray) -> np.ndarray:
-        """Index of the grid point nearest to each proto-action, shape (batch,)."""
-        return self.search(protos, 1)[:, 0]
 
     def search(self, protos: np.ndarray, k: int) -> np.ndarray:
         """Indices of the k grid points nearest to each proto-action: (batch, dim) -> (batch, k)."""

@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # heavy imports wait until the arguments are known good
     import gymnasium as gym
 
-    from action_space import GridActionSpace
+    from action_space import ActionSpace
     from wolp_agent import WolpertingerAgent
 
 RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has renamed
@@ -97,7 +97,7 @@ class Setup:
     env_id: str
     env: gym.Env
     eval_env: gym.Env
-    space: GridActionSpace
+    space: ActionSpace
     agent: WolpertingerAgent
     k: int
 
@@ -110,12 +110,28 @@ def make_env(env_id: str) -> gym.Env:
         raise UsageError(f"cannot make env {env_id!r}: {e}") from None
 
 
+def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> ActionSpace:
+    """The agent's action set for an env's action space; raises UsageError for one it cannot take."""
+    import gymnasium as gym
+
+    from action_space import GridActionSpace
+    try:
+        if isinstance(act, gym.spaces.Box):
+            if args.max_actions < 1:
+                raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
+            return GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
+        if isinstance(act, gym.spaces.Discrete):
+            return GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
+    except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
+        raise UsageError(f"{env_id}: {e}") from None
+    raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
+
+
 def build(args: argparse.Namespace) -> Setup:
     """Env, action set and agent from the arguments; raises UsageError on anything unusable."""
     import gymnasium as gym
     from tinygrad import Device, Tensor
 
-    from action_space import GridActionSpace
     from ddpg import DDPGConfig
     from wolp_agent import WolpertingerAgent
 
@@ -137,20 +153,9 @@ def build(args: argparse.Namespace) -> Setup:
     if not isinstance(env.observation_space, gym.spaces.Box):
         raise UsageError(f"{env_id} has a {type(env.observation_space).__name__} observation space; "
                          "supported: Box observations")
-    act = env.action_space
     if args.tau_update is None:
-        args.tau_update = DEFAULT_TAU.get(type(act).__name__)
-    try:
-        if isinstance(act, gym.spaces.Box):
-            if args.max_actions < 1:
-                raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
-            space = GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
-        elif isinstance(act, gym.spaces.Discrete):
-            space = GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
-        else:
-            raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
-    except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
-        raise UsageError(f"{env_id}: {e}") from None
+        args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
+    space = make_action_space(env_id, env.action_space, args)
     k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
     for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
         if getattr(args, flag) < 1:
@@ -192,13 +197,13 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
     agent.reset_noise()
     episode_return = 0.0
     for _ in range(max_steps):
-        index = agent.random_action() if step < warmup else agent.select_action(obs, explore=explore)
-        next_obs, reward, terminated, truncated, _ = env.step(space.to_env(index))
+        action = agent.random_action() if step < warmup else agent.select_action(obs, explore=explore)
+        next_obs, reward, terminated, truncated, _ = env.step(space.to_env(action))
         episode_return += float(reward)
         step += 1
         if memory is not None:
             # a cut at max_steps is a truncation too: only `terminated` ends the return
-            memory.append(obs.ravel(), space.points(index), reward, np.ravel(next_obs), terminated)
+            memory.append(obs.ravel(), space.points(action), reward, np.ravel(next_obs), terminated)
             if step > warmup:
                 agent.update(memory)
         obs = next_obs

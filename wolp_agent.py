@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, TinyJit
 
-from action_space import GridActionSpace
+from action_space import ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
 
 SCORINGS = ("factored", "full")
 
 
 class WolpertingerAgent(DDPG):
-    def __init__(self, state_dim: int, space: GridActionSpace, k: int, cfg: DDPGConfig, rng: np.random.Generator,
+    def __init__(self, state_dim: int, space: ActionSpace, k: int, cfg: DDPGConfig, rng: np.random.Generator,
                  scoring: str = "factored", random_candidate: float = 0.0):
         if not 1 <= k <= space.n:
             raise ValueError(f"k = {k} must lie between 1 and the number of actions, {space.n}")
@@ -31,7 +31,8 @@ class WolpertingerAgent(DDPG):
         super().__init__(state_dim, space.dim, cfg, rng)
         self.space, self.k, self.scoring, self.random_candidate = space, k, scoring, random_candidate
         # a window of float indices is exact up to 2**24 points
-        self.in_graph_window = space.dim == 1 and space.knn == "lattice" and 1 < space.n < 2 ** 24
+        self.in_graph_window = isinstance(space, GridActionSpace) and space.dim == 1 and space.knn == "lattice" \
+            and 1 < space.n < 2 ** 24
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []
@@ -98,12 +99,12 @@ class WolpertingerAgent(DDPG):
             write(self.target_inputs[0], self.space.points(self.space.search(protos, self.k)))
 
     # --- acting ----------------------------------------------------------------------------------------------
-    def random_action(self) -> int:
-        """Warm-up: a uniform random proto-action snapped to its nearest grid point."""
-        return int(self.space.nearest(self.rng.uniform(-1, 1, (1, self.space.dim)))[0])
+    def random_action(self):
+        """Warm-up: a uniform random proto-action snapped to its nearest action; returns the action id."""
+        return self.space.nearest(self.rng.uniform(-1, 1, (1, self.space.dim)))[0]
 
-    def select_action(self, state: np.ndarray, explore: bool = True) -> int:
-        """Index of the action to play: the critic's best of the k neighbours of actor(s) + decaying OU noise.
+    def select_action(self, state: np.ndarray, explore: bool = True):
+        """Id of the action to play: the critic's best of the k neighbours of actor(s) + decaying OU noise.
 
         Exploring, a uniformly random one of the k neighbours is played instead with probability
         `random_candidate` times the noise's decaying scale: with k = n (all actions, e.g. CartPole's
@@ -119,6 +120,6 @@ class WolpertingerAgent(DDPG):
             return int(first + self.rng.integers(self.k) if pick_random else best)
         neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
         if pick_random:
-            return int(neighbours[0, self.rng.integers(self.k)])
+            return neighbours[0, self.rng.integers(self.k)]
         write(self.act_candidates, self.space.points(neighbours))
-        return int(neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])])
+        return neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])]
