@@ -1,18 +1,21 @@
 """Benchmarks: speed (env steps per second) and learning (reward curves across seeds).
 
     python bench.py                  # speed: prints a table, writes bench_results.json
-    python bench.py speed --steps 500 --out results.json
+    python bench.py speed --only CartPole --updates 5000 --no-plain --out results.json
     python bench.py learn --env CartPole-v1 --episodes 300 --seeds 5   # learning: see `learn`
     python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
 
-Speed:
-For each configuration both paths run the same training loop (main.run_episode with the default
-replay memory), alternating in one process so that a busy machine slows both alike:
-- fast: exact lattice k-NN (for 1-d actions inside the compiled graph, scoring only the window's
-  ends and the critic's kinks) and the factored critic;
-- plain: the reference's way, FLANN kd-tree search and the whole critic run on every candidate row.
-Timing starts after warm-up (random steps and the graphs' compilation). Peak resident memory is the
-process's high-water mark, reset before each measurement.
+Speed, in steady state:
+Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
+The fast path (the default code path) is timed twice: early, right after warm-up and compilation, and
+in steady state, after at least --updates (20,000) real training updates, so that a cost that grows
+over a run (subnormal floats in the weights made Intel CPUs 5x slower after a few thousand updates)
+cannot hide in the first hundred steps. The plain path, the reference's way of computing the same
+thing (FLANN kd-tree search and the whole critic run on every candidate row), is far too slow to
+train 20,000 updates itself: it is timed early on a fresh agent, and in steady state on a copy of the
+fast agent's whole training state (networks, Adam moments, replay memory) after its 20,000 updates.
+Peak resident memory is the process's high-water mark, reset before each measurement; the JSON records
+the CPU model and the number of subnormal floats left in the training state after the updates.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ CONFIGS = {
     "Pendulum-v0, 200000 actions, k=2000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "2000"],
     "Pendulum-v0, 200000 actions, k=20000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "20000"],
 }
-PATHS = {"fast": [], "plain": ["--knn", "flann", "--scoring", "full"]}
+PLAIN_FLAGS = ["--knn", "flann", "--scoring", "full"]  # the reference's way: FLANN, the whole critic per candidate
 PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3}
 
 
@@ -67,40 +70,76 @@ def play(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> int
     return step
 
 
-def measure(argv: list[str], steps: int) -> dict:
-    """Milliseconds per env step (update included) after warm-up, and peak resident memory."""
+def timed(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> tuple[dict, int]:
+    """Milliseconds per env step (update included) and peak resident memory over `steps` more steps."""
+    reset_peak_memory()
+    start = time.perf_counter()
+    step = play(setup, memory, warmup, steps, step)
+    ms = 1e3 * (time.perf_counter() - start) / steps
+    return {"ms_per_step": ms, "steps_per_second": 1e3 / ms, "peak_rss_mb": peak_memory_mb(), "steps_timed": steps}, step
+
+
+def count_subnormals(agent) -> int:
+    """Non-zero values below float32's smallest normal number (1.2e-38) in the agent's training state."""
+    values = [np.abs(buffer.numpy()) for buffer in agent.training_buffers().values()]
+    return sum(int(np.count_nonzero((v > 0) & (v < np.finfo(np.float32).tiny))) for v in values)
+
+
+def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: int, steady_steps: int,
+            plain_steps: int) -> dict:
+    """Fast path early and after `updates` updates; plain path early and on the fast agent's trained state."""
     from tinygrad.helpers import Context
     with Context(BEAM=0):  # restores the search width that a --beam in argv sets
         args = parse_args(argv + ["--seed", "1"])
         setup = build(args)
         memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
         step = play(setup, memory, args.warmup, args.warmup + 3, 0)  # random steps, then compile the graphs
-        reset_peak_memory()
-        start = time.perf_counter()
-        play(setup, memory, args.warmup, steps, step)
-        seconds = (time.perf_counter() - start) / steps
-    return {"ms_per_step": 1e3 * seconds, "steps_per_second": 1 / seconds, "peak_rss_mb": peak_memory_mb(),
-            "steps_timed": steps, "k": setup.k}
+        fast_early, step = timed(setup, memory, args.warmup, early_steps, step)
+        step = play(setup, memory, args.warmup, max(0, args.warmup + updates - step), step)
+        fast_steady, step = timed(setup, memory, args.warmup, steady_steps, step)
+        row = {"k": setup.k, "updates_before_steady": step - args.warmup - steady_steps,
+               "subnormals_after_updates": count_subnormals(setup.agent),
+               "fast_early": fast_early, "fast_steady": fast_steady}
+        if plain_steps:
+            plain_args = parse_args(argv + plain_argv + ["--seed", "1"])
+            fresh = build(plain_args)
+            plain_memory = ReplayMemory(args.rmsize, fresh.agent.state_dim, fresh.agent.action_dim)
+            plain_step = play(fresh, plain_memory, args.warmup, args.warmup + 1, 0)
+            row["plain_early"], _ = timed(fresh, plain_memory, args.warmup, plain_steps, plain_step)
+            trained = build(plain_args)  # the fast agent's state, computed the plain way from here on
+            for name, buffer in trained.agent.training_buffers().items():
+                buffer.assign(setup.agent.training_buffers()[name]).realize()
+            trained.agent.epsilon = setup.agent.epsilon
+            play(trained, memory, args.warmup, 1, step)  # compile
+            row["plain_steady"], _ = timed(trained, memory, args.warmup, plain_steps, step)
+            row["speedup_steady"] = row["plain_steady"]["ms_per_step"] / fast_steady["ms_per_step"]
+    return row
 
 
 def speed(opts: argparse.Namespace) -> None:
     from tinygrad import Device
-    results = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}", "fast_path_beam": opts.beam,
-               "configs": {}}
+    results = {"cpu": cpu_model(), "machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}",
+               "fast_path_beam": opts.beam, "updates_before_steady": opts.updates, "configs": {}}
     for name, argv in CONFIGS.items():
+        if opts.only and not any(word.lower() in name.lower() for word in opts.only):
+            continue
         beam = ["--beam", str(opts.beam)] if opts.beam else []
-        row = {path: measure(argv + extra + (beam if path == "fast" else []),
-                             opts.steps if path == "fast" else PLAIN_STEPS[name]) for path, extra in PATHS.items()}
-        row["speedup"] = row["plain"]["ms_per_step"] / row["fast"]["ms_per_step"]
+        row = measure(argv + beam, PLAIN_FLAGS, opts.early_steps, opts.updates, opts.steps,
+                      PLAIN_STEPS.get(name, 0) if opts.plain else 0)
         results["configs"][name] = row
-        print(f"{name}: fast {row['fast']['ms_per_step']:.2f} ms/step, plain {row['plain']['ms_per_step']:.1f} "
-              f"ms/step, {row['speedup']:.0f}x", flush=True)
-    Path(opts.out).write_text(json.dumps(results, indent=2))
-    print("\n| configuration | fast ms/step | plain ms/step | speed-up | fast peak RSS MB | plain peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+        print(f"{name}: fast {row['fast_early']['ms_per_step']:.2f} ms/step early, "
+              f"{row['fast_steady']['ms_per_step']:.2f} after {row['updates_before_steady']} updates", flush=True)
+        Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(f"\n{results['machine']}; steady state after {opts.updates} updates")
+    print("| configuration | fast ms/step, early | fast ms/step, steady | plain ms/step, early | plain ms/step, steady "
+          "| speed-up, steady | fast peak RSS MB | subnormals after updates |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda row, key, spec: format(row[key]["ms_per_step"], spec) if key in row else "–"
     for name, row in results["configs"].items():
-        print(f"| {name} | {row['fast']['ms_per_step']:.2f} | {row['plain']['ms_per_step']:.1f} | "
-              f"{row['speedup']:.0f}x | {row['fast']['peak_rss_mb']:.0f} | {row['plain']['peak_rss_mb']:.0f} |")
+        speedup = f"{row['speedup_steady']:.0f}x" if "speedup_steady" in row else "–"
+        print(f"| {name} | {fmt(row, 'fast_early', '.2f')} | {fmt(row, 'fast_steady', '.2f')} | "
+              f"{fmt(row, 'plain_early', '.1f')} | {fmt(row, 'plain_steady', '.1f')} | {speedup} | "
+              f"{row['fast_steady']['peak_rss_mb']:.0f} | {row['subnormals_after_updates']} |")
     print(f"\nwrote {opts.out}")
 
 
@@ -192,7 +231,11 @@ def main() -> None:
     sub = p.add_subparsers(dest="command")
     sp = sub.add_parser("speed", help="env steps per second, fast against plain path (the default)")
     for parser in (p, sp):
-        parser.add_argument("--steps", type=int, default=400, help="timed env steps of the fast path per config")
+        parser.add_argument("--steps", type=int, default=1000, help="timed steady-state env steps per configuration")
+        parser.add_argument("--early-steps", type=int, default=500, help="timed env steps right after warm-up")
+        parser.add_argument("--updates", type=int, default=20000, help="training updates before the steady-state timing")
+        parser.add_argument("--no-plain", dest="plain", action="store_false", help="time the fast path only")
+        parser.add_argument("--only", nargs="*", default=[], help="configurations whose name contains one of these")
         parser.add_argument("--out", default="bench_results.json")
         parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
     lp = sub.add_parser("learn", help="reward curves of several seeds trained in parallel")

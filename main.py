@@ -224,7 +224,7 @@ def progress(total: int):
 
 def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     from memory import ReplayMemory
-    from util import RunLog, plot_runs, read_metrics
+    from util import RunLog, plot_runs
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
@@ -237,7 +237,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     def save(before_episode: int) -> None:
         agent.save(run_dir)
         log.line(f"### Model Saved before Ep:{before_episode} ###")
-        plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
+        plot_runs([(run_dir.name, log.metrics())], run_dir / "reward_curve.png", title)
 
     # Ctrl-C, and a plain `kill`, end training with everything saved (also where SIGINT was ignored, e.g. under nohup)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -271,7 +271,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
 
 
 def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
-    from util import RunLog, plot_runs, read_metrics
+    from util import RunLog, plot_runs
 
     log = RunLog(run_dir, "test", vars(args))
     returns, start = [], time.time()
@@ -286,7 +286,7 @@ def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     summary = f"test: {len(returns)} episodes, return mean {np.mean(returns):.2f} std {np.std(returns):.2f}"
     log.line(summary)
     log.close()
-    plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png",
+    plot_runs([(run_dir.name, log.metrics())], run_dir / "reward_curve.png",
               f"{setup.env_id} test of {args.load_model_dir[0]}")
     print(f"{summary}; log in {run_dir}")
 

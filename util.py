@@ -87,6 +87,7 @@ class RunLog:
         self._csv_file = open(self.csv_path, "w", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
         self._csv.writerow(METRICS_FIELDS)
+        self._rows: list[tuple[float, ...]] = []  # the CSV's rows as numbers, so plotting never rereads the file
 
     def line(self, text: str) -> None:
         self._log.write(text + "\n")
@@ -97,6 +98,12 @@ class RunLog:
             self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.2f}")
         self._csv.writerow([episode, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
                             "" if eval_return is None else f"{eval_return:.4f}"])
+        self._rows.append((episode, env_steps, ret, wall_seconds, np.nan if eval_return is None else eval_return))
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """The metrics written so far, as `read_metrics` would return them."""
+        columns = np.array(self._rows, float).reshape(-1, len(METRICS_FIELDS)).T
+        return dict(zip(METRICS_FIELDS, columns))
 
     def close(self) -> None:
         self._log.close()
@@ -134,19 +141,31 @@ def _save_figure(fig, ax, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, title: str, window: int = 20) -> None:
-    """Reward curves of one or more runs on one figure: episode returns, their moving average, evaluations."""
+def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, title: str, window: int = 20,
+              max_points: int = 2000) -> None:
+    """Reward curves of one or more runs on one figure: episode returns, their moving average, evaluations.
+
+    A long run is drawn with at most `max_points` points per line (the returns as a min-max band per
+    bin), so a plot costs the same after 200000 episodes as after 2000."""
     runs = list(runs)
     fig, ax = _new_figure()
     for i, (label, m) in enumerate(runs):
         color = f"C{i}"
         prefix = f"{label}: " if len(runs) > 1 else ""
-        if len(runs) == 1:
-            ax.plot(m["episode"], m["return"], color=color, alpha=0.3, lw=0.8, label="episode return")
-        ax.plot(m["episode"], moving_average(m["return"], window), color=color, lw=2,
-                label=f"{prefix}moving average ({window} episodes)")
-        evaluated = ~np.isnan(m["eval_return"])
-        if evaluated.any():
+        stride = -(-len(m["episode"]) // max_points)
+        episodes = m["episode"][::stride]
+        if len(runs) == 1 and stride == 1:
+            ax.plot(episodes, m["return"], color=color, alpha=0.3, lw=0.8, label="episode return")
+        elif len(runs) == 1:
+            bins = np.arange(0, len(m["return"]), stride)
+            ax.fill_between(episodes, np.minimum.reduceat(m["return"], bins), np.maximum.reduceat(m["return"], bins),
+                            color=color, alpha=0.3, lw=0, label=f"episode returns (min-max per {stride} episodes)")
+        smooth = max(window, stride)
+        ax.plot(episodes, moving_average(m["return"], smooth)[::stride], color=color, lw=2,
+                label=f"{prefix}moving average ({smooth} episodes)")
+        evaluated = np.flatnonzero(~np.isnan(m["eval_return"]))
+        evaluated = evaluated[::-(-len(evaluated) // (max_points // 8))] if len(evaluated) else evaluated  # markers
+        if len(evaluated):
             ax.plot(m["episode"][evaluated], m["eval_return"][evaluated], "o--", color=color, ms=4, lw=1,
                     mfc="white", label=f"{prefix}evaluation (no noise)")
     _save_figure(fig, ax, title, path)
