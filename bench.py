@@ -4,6 +4,8 @@
     python bench.py speed --only CartPole --updates 5000 --no-plain --out results.json
     python bench.py learn --env CartPole-v1 --episodes 300 --seeds 5   # learning: see `learn`
     python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
+    python bench.py flush                                       # cost of flushing subnormals, and of not
+    python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpg import FLUSH_BELOW, write
 from main import build, parse_args, run_episode
 from memory import ReplayMemory
 from util import env_folder_name, plot_seed_band, read_metrics
@@ -226,6 +229,72 @@ def learn(opts: argparse.Namespace) -> None:
     print(f"wrote {out / 'summary.json'} and {out / 'learning_curve.png'}")
 
 
+def flush_cost(opts: argparse.Namespace) -> None:
+    """ms per compiled update with and without flushing tiny values, alternating in one process, from the same
+    trained state: as trained (few tiny values) and with every Adam moment set to a subnormal 1e-40."""
+    setups = []
+    for flush_below in (FLUSH_BELOW, 0.0):
+        setup = build(parse_args(CONFIGS[opts.config] + ["--seed", "1"]))
+        agent = setup.agent  # set before the first update compiles the graph
+        agent.cfg.flush_below = agent.actor_optim.flush_below = agent.critic_optim.flush_below = flush_below
+        setups.append(setup)
+    memory = ReplayMemory(opts.updates + 1000, setups[0].agent.state_dim, setups[0].agent.action_dim)
+    play(setups[0], memory, 128, opts.updates + 128, 0)
+    trained = {name: buffer.numpy() for name, buffer in setups[0].agent.training_buffers().items()}
+    times = {(state, flush): [] for state in ("trained", "subnormal moments") for flush in ("flush", "no flush")}
+    for _ in range(opts.rounds):
+        for state, flush in times:
+            agent = setups[flush == "no flush"].agent
+            for name, buffer in agent.training_buffers().items():
+                values = np.full_like(trained[name], 1e-40) if state != "trained" and "_optim." in name \
+                    and not name.endswith(".t") else trained[name]
+                write(buffer, values)
+            agent.update(memory)  # the first call of a graph compiles it
+            start = time.perf_counter()
+            for _ in range(opts.steps):
+                agent.update(memory)
+            times[(state, flush)].append(1e3 * (time.perf_counter() - start) / opts.steps)
+    print(f"{cpu_model()}: {opts.config}, ms per update (median of {opts.rounds} rounds of {opts.steps})")
+    for (state, flush), values in times.items():
+        print(f"{state:>18}, {flush:>8}: {np.median(values):.2f}  (rounds: {', '.join(f'{v:.2f}' for v in values)})")
+
+
+def ms_per_step(m: dict[str, np.ndarray], first: int, last: int) -> float:
+    """Wall milliseconds per training env step over episodes first..last (1-based, evaluations included)."""
+    wall, steps = np.insert(m["wall_seconds"], 0, 0.0), np.insert(m["env_steps"], 0, 0.0)
+    return 1e3 * (wall[last] - wall[first - 1]) / (steps[last] - steps[first - 1])
+
+
+def timeline(opts: argparse.Namespace) -> None:
+    """Per-step time along a finished run, from its metrics.csv, and the subnormal floats in its saved networks."""
+    from util import new_figure, load_tensors, moving_average, write_atomically
+    run = Path(opts.run)
+    m = read_metrics(run / "metrics.csv")
+    n = len(m["episode"])
+    ranges = [tuple(map(int, r.split("-"))) for r in opts.ranges]
+    edges = np.linspace(0, n, opts.windows + 1).astype(int)
+    ranges += [(a + 1, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    print(f"{run}: {n} episodes, {int(m['env_steps'][-1])} env steps, {m['wall_seconds'][-1]:.0f} s")
+    for first, last in ranges:
+        print(f"episodes {first}-{last}: {ms_per_step(m, first, last):.2f} ms per env step")
+    tiny = np.finfo(np.float32).tiny
+    for path in sorted(run.glob("*.safetensors")) + sorted(run.glob("best/*.safetensors")):
+        values = np.concatenate([np.abs(t.numpy()).ravel() for t in load_tensors(path).values()])
+        print(f"{path.relative_to(run)}: {np.count_nonzero((values > 0) & (values < tiny))} subnormal of {values.size}")
+    per_episode = 1e3 * np.diff(np.insert(m["wall_seconds"], 0, 0)) / np.maximum(np.diff(np.insert(m["env_steps"], 0, 0)), 1)
+    fig, ax = new_figure()
+    ax.plot(m["episode"], per_episode, color="C0", alpha=0.3, lw=0.8, label="per episode")
+    window = max(10, n // 100)
+    ax.plot(m["episode"], moving_average(per_episode, window), color="C0", lw=2, label=f"{window}-episode average")
+    ax.set(xlabel="episode", ylabel="ms per env step (update and evaluations included)", title=f"{run.name}: step time",
+           ylim=(0, 3 * np.percentile(per_episode, 90)))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    write_atomically(run / "step_time.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    print(f"wrote {run / 'step_time.png'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
@@ -247,8 +316,17 @@ def main() -> None:
                     help="noise-free episodes played with each seed's final weights after training (0: none)")
     lp.add_argument("--summarize", action="store_true", help="skip training: summarise the runs already in --out")
     lp.add_argument("main_flags", nargs="*", help="after --: further main.py flags, e.g. -- --max-actions 200000")
+    fp = sub.add_parser("flush", help="cost of flushing tiny values, and of subnormals, per compiled update")
+    fp.add_argument("--config", default="Pendulum-v0, 200000 actions, k=20000", choices=list(CONFIGS))
+    fp.add_argument("--updates", type=int, default=2000, help="training updates before the timing")
+    fp.add_argument("--rounds", type=int, default=5)
+    fp.add_argument("--steps", type=int, default=200, help="timed updates per round and variant")
+    tp = sub.add_parser("timeline", help="per-step time along a finished run, and subnormals in its networks")
+    tp.add_argument("run", help="a run folder (holds metrics.csv)")
+    tp.add_argument("--ranges", nargs="*", default=[], help="episode ranges to report, e.g. 3-8 31-40")
+    tp.add_argument("--windows", type=int, default=10, help="also report this many equal windows of episodes")
     opts = p.parse_args()
-    (learn if opts.command == "learn" else speed)(opts)
+    {"learn": learn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

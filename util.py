@@ -124,7 +124,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[idx] - sums[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
 
 
-def _new_figure():
+def new_figure():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -148,7 +148,7 @@ def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, tit
     A long run is drawn with at most `max_points` points per line (the returns as a min-max band per
     bin), so a plot costs the same after 200000 episodes as after 2000."""
     runs = list(runs)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for i, (label, m) in enumerate(runs):
         color = f"C{i}"
         prefix = f"{label}: " if len(runs) > 1 else ""
@@ -176,7 +176,7 @@ def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.
     """Mean training return across seeds (moving average) with its min-max band, the mean evaluation,
     and reference bucket means drawn as horizontal segments (first episode, last episode, mean)."""
     smooth = np.array([moving_average(r, window) for r in returns])  # (seeds, episodes)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ax.fill_between(episodes, smooth.min(0), smooth.max(0), color="C0", alpha=0.2, label="min-max over seeds")
     ax.plot(episodes, smooth.mean(0), color="C0", lw=2, label=f"mean training return ({window}-episode average)")
     if len(eval_episodes):

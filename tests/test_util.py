@@ -1,0 +1,31 @@
+"""Run-folder files: the metrics kept in memory match the CSV; long runs plot at a bounded cost."""
+import numpy as np
+
+from util import RunLog, plot_runs, read_metrics
+
+
+def test_metrics_in_memory_equal_the_csv(tmp_path):
+    log = RunLog(tmp_path, "train", {"env": "X"})
+    rng = np.random.default_rng(0)
+    for episode in range(1, 8):
+        log.episode(episode, 10 * episode, rng.normal(), 0.5 * episode, rng.normal() if episode % 3 == 0 else None)
+    in_memory = log.metrics()
+    log.close()
+    from_csv = read_metrics(tmp_path / "metrics.csv")
+    for name, column in from_csv.items():   # the CSV rounds to 4 decimals (returns) and 2 (seconds)
+        np.testing.assert_allclose(in_memory[name], column, atol=6e-3, equal_nan=True, err_msg=name)
+    assert np.isnan(in_memory["eval_return"]).sum() == 5
+
+
+def test_a_long_run_is_drawn_with_a_bounded_number_of_points(tmp_path, monkeypatch):
+    import matplotlib.axes
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, *a, **kw: drawn.append(len(x)) or plot(self, x, *a, **kw))
+    n = 50_000
+    episodes = np.arange(1, n + 1, dtype=float)
+    metrics = {"episode": episodes, "env_steps": 200 * episodes, "return": np.sin(episodes / 500),
+               "wall_seconds": episodes, "eval_return": np.where(episodes % 10 == 0, 1.0, np.nan)}
+    plot_runs([("run", metrics)], tmp_path / "curve.png", "long run", max_points=1000)
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn and max(drawn) <= 1000
