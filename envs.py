@@ -2,6 +2,8 @@
 
     Recommender-v0   the recommender simulator of Dulac-Arnold et al. (2015): Discrete(n_items) actions whose items
                      carry embeddings (`env.unwrapped.action_embeddings`), the viewed item's embedding observed
+    Configurator-v0  a profile is observed, a combination of n choices is picked (MultiBinary(n), or MultiDiscrete),
+                     one step per episode
 
 Each exposes `optimal_return` (the optimal policy's expected return from the start distribution) and `random_return`
 (a uniformly random policy's), computed exactly, so that a result reads as a fraction of optimal above a random floor.
@@ -290,6 +292,143 @@ class RecommenderEnv(gym.Env):
             {"item": self.item, "accepted": accepted}
 
 
-for _id, _env in (("Recommender-v0", RecommenderEnv),):
+# ---------------------------------------------------------------------------------------------------------------------
+# Configurator-v0
+#
+# A profile x (profile_dim features) is observed; the action sets each of n choices to a level in 0..levels-1 (levels 2:
+# MultiBinary, each choice on or off). The choices sit in a hidden order on a chain; with x' = (x, 1) and v_i the level
+# at place i of the chain, the hidden score is
+#     sum_i U_i[v_i] . x'  +  sum_{0 < t <= band} P_{i,t}[v_{i-t}, v_i] . x'
+# per-choice terms and terms for pairs at most `band` places apart, all linear in the profile; level 0 adds nothing
+# (an option left off). The reward is the score plus Gaussian noise. Because the pairs are local on the chain, the best
+# combination is a dynamic programme over the levels of the last `band` places (levels^band states): exact for any n.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfiguratorWorld:
+    """The hidden score's tables and the profiles (arrays read-only)."""
+    order: np.ndarray     # (n,) the choice at each place of the chain
+    unary: np.ndarray     # (n, levels, profile_dim + 1): U_i[v]
+    pair: np.ndarray      # (n, band, levels, levels, profile_dim + 1): P_{i,t}[a, b], zero where i < t
+    profiles: np.ndarray  # (n_profiles, profile_dim) float32
+
+
+def _profile_tables(world: ConfiguratorWorld, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """U and P evaluated at each context: (B, n, levels) and (B, n, band, levels, levels)."""
+    x = np.concatenate([np.asarray(contexts, np.float64), np.ones((len(contexts), 1))], axis=1)
+    return np.einsum("ivk,bk->biv", world.unary, x), np.einsum("itavk,bk->bitav", world.pair, x)
+
+
+def _score(world: ConfiguratorWorld, contexts: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """Noise-free scores of actions (B, n; levels per choice) for contexts (B, profile_dim)."""
+    u, p = _profile_tables(world, contexts)
+    v = np.asarray(actions, np.int64)[:, world.order]
+    batch, places = np.arange(len(v))[:, None], np.arange(v.shape[1])
+    total = u[batch, places, v].sum(1)
+    for t in range(1, p.shape[2] + 1):  # np.roll wraps places i < t around, where P_{i,t} is zero
+        total += p[batch, places, t - 1, np.roll(v, t, axis=1), v].sum(1)
+    return total
+
+
+def _best(world: ConfiguratorWorld, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best combination (B, n) and its score (B,) for each context, by dynamic programming along the chain.
+
+    State after place i: the levels of places i, i-1, ..., i-band+1 as digits of base `levels` (place i the lowest).
+    """
+    u, p = _profile_tables(world, contexts)
+    batch, n, band, m = len(u), u.shape[1], p.shape[2], u.shape[2]
+    states, keep = m ** band, m ** (band - 1)
+    digits = np.arange(states)[:, None] // m ** np.arange(band) % m  # (states, band): column t - 1 the level at i - t
+    value = np.full((batch, states), -np.inf)
+    value[:, 0] = 0.0  # before place 0: virtual levels 0, which no term couples to (P_{i,t} = 0 for i < t)
+    dropped = np.empty((n, batch, states), np.int64)
+    for i in range(n):
+        gain = u[:, i, None, :] + sum(p[:, i, t][:, digits[:, t], :] for t in range(band))  # (B, states, m)
+        # the new state r * m + v keeps the lower band - 1 digits r of the old one, whose top digit is dropped
+        options = (value[:, :, None] + gain).reshape(batch, m, keep, m)
+        dropped[i] = options.argmax(1).reshape(batch, states)
+        value = options.max(1).reshape(batch, states)
+    state, levels = value.argmax(1), np.empty((batch, n), np.int64)
+    rows = np.arange(batch)
+    for i in range(n - 1, -1, -1):
+        levels[:, i] = state % m
+        state = state // m + keep * dropped[i, rows, state]
+    actions = np.empty_like(levels)
+    actions[:, world.order] = levels
+    return actions, value.max(1)
+
+
+class ConfiguratorEnv(gym.Env):
+    """Pick a combination of n choices for an observed profile; one step per episode, with a known optimum.
+
+    Observation: the profile, profile_dim floats, drawn uniformly from n_profiles fixed profiles. Action: a level for
+    each choice, MultiBinary(n_choices) when levels is 2, else MultiDiscrete([levels] * n_choices). Reward: a hidden
+    score with per-choice and pairwise terms that depend on the profile (see above), plus Gaussian noise of standard
+    deviation `noise`; info holds the noise-free "score" and the profile's "optimal" score. `optimal_return` is the
+    expected reward of the best combination for each profile and `random_return` that of uniformly random
+    combinations, both exact; `optimal(contexts)` and `score(contexts, actions)` answer for any profiles.
+
+    Keywords: n_choices (default 20), levels (default 2), band (pairs interact up to this many places apart on the
+    hidden chain, default 2), profile_dim (default 8), n_profiles (default 10,000), noise (default 1.0), world_seed
+    (default 0).
+    """
+    metadata = {"render_modes": []}
+
+    def __init__(self, n_choices: int = 20, levels: int = 2, band: int = 2, profile_dim: int = 8,
+                 n_profiles: int = 10000, noise: float = 1.0, world_seed: int = 0):
+        n_choices = _check_int("n_choices", n_choices, 2)
+        levels = _check_int("levels", levels, 2, 64)
+        band = _check_int("band", band, 1, min(n_choices - 1, int(math.log(4096, levels) + 1e-9)))  # 4096 states
+        profile_dim = _check_int("profile_dim", profile_dim, 1)
+        n_profiles = _check_int("n_profiles", n_profiles, 1)
+        self.noise = _check_float("noise", noise, 0.0, math.inf)
+        rng = np.random.default_rng(_check_int("world_seed", world_seed, 0))
+        scale = 1.0 / math.sqrt(profile_dim + 1)  # each term's value has unit variance over profiles
+        unary = rng.standard_normal((n_choices, levels, profile_dim + 1)) * scale
+        pair = rng.standard_normal((n_choices, band, levels, levels, profile_dim + 1)) * scale
+        unary[:, 0] = 0.0
+        pair[:, :, 0], pair[:, :, :, 0] = 0.0, 0.0
+        for t in range(1, band + 1):
+            pair[:t, t - 1] = 0.0
+        self.world = ConfiguratorWorld(rng.permutation(n_choices), unary, pair,
+                                       rng.standard_normal((n_profiles, profile_dim)).astype(np.float32))
+        self.optimal_actions, self.optimal_rewards = self.optimal(self.world.profiles)
+        self.optimal_return = float(self.optimal_rewards.mean())
+        # E over uniform levels: every term's mean over its levels, and the score is linear in the profile
+        mean_terms = unary.mean(1).sum(0) + pair.mean((2, 3)).sum((0, 1))
+        self.random_return = float(np.concatenate([self.world.profiles.mean(0, dtype=np.float64), [1.0]]) @ mean_terms)
+        bound = np.abs(self.world.profiles).max(0)
+        self.observation_space = gym.spaces.Box(-bound, bound, (profile_dim,), np.float32)
+        self.action_space = gym.spaces.MultiBinary(n_choices) if levels == 2 else \
+            gym.spaces.MultiDiscrete([levels] * n_choices)
+        self.profile = 0
+
+    def optimal(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The best combination (B, n_choices) and its noise-free score (B,) for each of the contexts (B, profile_dim)."""
+        contexts = np.asarray(contexts)
+        parts = [_best(self.world, contexts[i:i + 1024]) for i in range(0, len(contexts), 1024)]
+        return np.concatenate([a for a, _ in parts]), np.concatenate([r for _, r in parts])
+
+    def score(self, contexts: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Noise-free scores (B,) of combinations (B, n_choices) for contexts (B, profile_dim)."""
+        return _score(self.world, contexts, actions)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.profile = int(self.np_random.integers(len(self.world.profiles)))
+        return self.world.profiles[self.profile].copy(), {"profile": self.profile}
+
+    def step(self, action):
+        action = np.asarray(action, np.int64).reshape(1, -1)
+        if not self.action_space.contains(action[0].astype(self.action_space.dtype)):
+            raise ValueError(f"{action[0]} is not in {self.action_space}")
+        context = self.world.profiles[self.profile]
+        score = float(self.score(context[None], action)[0])
+        reward = score + self.noise * float(self.np_random.standard_normal())
+        return context.copy(), reward, True, False, {"score": score, "optimal": float(self.optimal_rewards[self.profile])}
+
+
+for _id, _env in (("Recommender-v0", RecommenderEnv), ("Configurator-v0", ConfiguratorEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_env)

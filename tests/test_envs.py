@@ -140,3 +140,64 @@ def test_recommender_world_seeds_and_episode_seeds_reproduce():
 def test_recommender_rejects_bad_keywords(kwargs, message):
     with pytest.raises(ValueError, match=message):
         gym.make("Recommender-v0", **kwargs)
+
+
+# --- Configurator-v0 --------------------------------------------------------------------------------------------------
+
+def definition_score(world: envs.ConfiguratorWorld, context: np.ndarray, action: np.ndarray) -> float:
+    """The hidden score term by term: U_i[v_i] . x' plus P_{i,t}[v_{i-t}, v_i] . x' for every pair within the band."""
+    x, v = np.append(context.astype(np.float64), 1.0), action[world.order]
+    band = world.pair.shape[1]
+    return sum(world.unary[i, v[i]] @ x for i in range(len(v))) + \
+        sum(world.pair[i, t - 1, v[i - t], v[i]] @ x for i in range(len(v)) for t in range(1, band + 1) if i >= t)
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_choices=8), dict(n_choices=6, levels=3, band=3), dict(n_choices=7, band=1)])
+def test_configurator_optimum_matches_brute_force(kwargs):
+    env = make("Configurator-v0", n_profiles=6, profile_dim=3, world_seed=4, **kwargs)
+    levels = kwargs.get("levels", 2)
+    combos = np.array(np.meshgrid(*[np.arange(levels)] * kwargs["n_choices"], indexing="ij")).reshape(
+        kwargs["n_choices"], -1).T
+    profiles = env.world.profiles
+    for p in range(2):
+        assert env.score(profiles[p:p + 1], combos[7:8])[0] == pytest.approx(
+            definition_score(env.world, profiles[p], combos[7]), rel=1e-12)
+    scores = np.stack([env.score(np.repeat(profiles[p:p + 1], len(combos), 0), combos) for p in range(6)])
+    np.testing.assert_allclose(env.optimal_rewards, scores.max(1), rtol=1e-12)
+    np.testing.assert_array_equal(env.optimal_actions, combos[scores.argmax(1)])
+    assert env.optimal_return == pytest.approx(scores.max(1).mean(), rel=1e-12)
+    assert env.random_return == pytest.approx(scores.mean(), rel=1e-9, abs=1e-12)
+
+
+def test_configurator_steps_give_the_score_plus_noise():
+    env = gym.make("Configurator-v0", n_profiles=3, noise=0.5)  # the default 20 choices
+    assert env.action_space == gym.spaces.MultiBinary(20) and env.observation_space.shape == (8,)
+    assert gym.make("Configurator-v0", levels=3, n_choices=5).action_space == gym.spaces.MultiDiscrete([3] * 5)
+    unwrapped = env.unwrapped
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    rewards = []
+    for _ in range(2000):
+        obs, info = env.reset()
+        action = env.action_space.sample()
+        _, reward, terminated, truncated, step_info = env.step(action)
+        assert terminated and not truncated
+        assert step_info["score"] == pytest.approx(unwrapped.score(obs[None], action[None])[0])
+        assert step_info["optimal"] >= step_info["score"]
+        rewards.append(reward - step_info["score"])
+    assert abs(np.mean(rewards)) < 4 * 0.5 / np.sqrt(2000) and np.std(rewards) == pytest.approx(0.5, rel=0.1)
+    best = unwrapped.optimal(unwrapped.world.profiles)
+    np.testing.assert_array_equal(best[0], unwrapped.optimal_actions)
+    # the default world: random combinations are far below the optimum
+    default = make("Configurator-v0")
+    assert default.random_return < 0.05 * default.optimal_return
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_choices=1), "n_choices"), (dict(levels=1), "levels"), (dict(band=0), "band"), (dict(n_choices=3, band=3), "band"),
+    (dict(levels=8, band=5), "band"), (dict(noise=-1.0), "noise"), (dict(noise=float("nan")), "noise"),
+    (dict(n_profiles=0), "n_profiles"), (dict(profile_dim=0), "profile_dim"),
+])
+def test_configurator_rejects_bad_keywords(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gym.make("Configurator-v0", **kwargs)
