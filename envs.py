@@ -432,3 +432,17 @@ class ConfiguratorEnv(gym.Env):
 for _id, _env in (("Recommender-v0", RecommenderEnv), ("Configurator-v0", ConfiguratorEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_env)
+
+
+if __name__ == "__main__":  # python envs.py [N]: build time and peak memory of Recommender-v0 at N items
+    import resource
+    import sys
+    import time
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    env = gym.make("Recommender-v0", n_items=n).unwrapped
+    seconds, peak = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"Recommender-v0, {n} items: built in {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB "
+          f"({before / 1024:.0f} MB before), {env.world.nonzeros} non-zeros in W; "
+          f"optimal return {env.optimal_return:.4f}, random {env.random_return:.3g}")
