@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 ACCEPT_CONTINUE, REJECT_CONTINUE = 0.9, 0.8  # probability that an episode goes on after an accepted / rejected item
-CHUNK = 1 << 14  # items per chunk when building the sparse acceptance matrix, to bound the memory of temporaries
+CHUNK = 1 << 14  # rows of the sparse acceptance matrix handled at a time, to bound the memory of temporaries
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -49,8 +49,9 @@ def _check_float(name: str, value, low: float, high: float) -> float:
 # items of i thus lie near T(e_i) = B R B^T e_i, R rotating each torus plane by 2 pi s: a fixed linear map of the
 # embedding that the actor has to learn, while the items nearest to e_i itself are never accepted (|s| > r).
 # The radius r makes about `neighbours` items acceptable from each item, so W has about n_items * neighbours
-# non-zeros: items are placed one per cell in turn on a grid of cells of side >= r, and only the 3 x 3 cells around
-# z_i + s hold candidates. Policy iteration over this sparse W gives the optimal policy and its values exactly.
+# non-zeros: items are spread evenly over a grid of cells of side >= r (the same number in each cell, give or take
+# one), and only the 3 x 3 cells around z_i + s hold candidates. Policy iteration over this sparse W gives the optimal
+# policy and its values exactly.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -251,8 +252,8 @@ class RecommenderEnv(gym.Env):
     def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float = 12.0, world_seed: int = 0):
         n_items = _check_int("n_items", n_items, 2)
         dim = _check_int("dim", dim, 4)
-        # at most pi n / 9 keeps the acceptance radius within a third of the torus (3 x 3 distinct cells, |s| > r)
-        neighbours = _check_float("neighbours", neighbours, 1.0, math.pi * n_items / 9)
+        # at most pi n / 10 keeps the acceptance radius below a third of the torus (3 x 3 distinct cells, |s| > r)
+        neighbours = _check_float("neighbours", neighbours, 1.0, math.pi * n_items / 10)
         world_seed = _check_int("world_seed", world_seed, 0)
         self.world = recommender_world(n_items, dim, neighbours, world_seed)
         self.n_items = n_items
