@@ -229,10 +229,11 @@ def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int
         c, s = math.cos(angle), math.sin(angle)
         rotation[2 * axis:2 * axis + 2, 2 * axis:2 * axis + 2] = ((c, -s), (s, c))
     embeddings = (_torus_features(position) @ basis.T).astype(np.float32)
-    for array in (position, quality, embeddings, values, policy):
+    next_item_map = basis @ rotation @ basis.T
+    for array in (position, quality, embeddings, next_item_map, shift, values, policy):
         array.flags.writeable = False
-    return RecommenderWorld(position, quality, embeddings, basis @ rotation @ basis.T, shift, radius, nonzeros,
-                            values, policy, random_return)
+    return RecommenderWorld(position, quality, embeddings, next_item_map, shift, radius, nonzeros, values, policy,
+                            random_return)
 
 
 class RecommenderEnv(gym.Env):
