@@ -203,3 +203,18 @@ def test_configurator_steps_give_the_score_plus_noise():
 def test_configurator_rejects_bad_keywords(kwargs, message):
     with pytest.raises(ValueError, match=message):
         gym.make("Configurator-v0", **kwargs)
+
+
+def test_configurator_optimum_at_2_to_the_20_matches_brute_force():
+    env = make("Configurator-v0", n_profiles=2)
+    world, x = env.world, np.append(env.world.profiles[1].astype(np.float64), 1.0)
+    u, p = world.unary @ x, world.pair @ x  # this profile's terms: (20, 2) and (20, band, 2, 2)
+    best, bits = -np.inf, np.arange(20)
+    for start in range(0, 1 << 20, 1 << 16):  # every combination, 65536 at a time
+        combos = (np.arange(start, start + (1 << 16))[:, None] >> bits) & 1
+        v = combos[:, world.order]
+        scores = u[bits, v].sum(1) + sum(p[bits[t:], t - 1, v[:, :-t], v[:, t:]].sum(1) for t in (1, 2))
+        if scores.max() > best:
+            best, arg = scores.max(), combos[scores.argmax()]
+    assert env.optimal_rewards[1] == pytest.approx(best, rel=1e-12)
+    np.testing.assert_array_equal(env.optimal_actions[1], arg)
