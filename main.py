@@ -39,6 +39,9 @@ os.environ.setdefault("HCQ2", "1")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Wolpertinger-DDPG in tinygrad: large discrete action sets.")
     p.add_argument("--env", default="Pendulum-v0", help="gymnasium env id (Pendulum-v0 means Pendulum-v1)")
+    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keyword arguments for the env, e.g. n_items=1000000 world_seed=3 (each value read as an int, "
+                        "float, true/false, or else text)")
     p.add_argument("--mode", default="train", choices=("train", "test", "plot"))
     p.add_argument("--max-actions", type=int, default=200000, help="grid size for a Box action space")
     p.add_argument("--max-episode", type=int, default=200000, help="episodes to train")
@@ -102,12 +105,62 @@ class Setup:
     k: int
 
 
-def make_env(env_id: str) -> gym.Env:
+def parse_value(text: str) -> int | float | bool | str:
+    """An int, a float, true/false, or else the text itself."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_env_kwargs(items: list[str]) -> dict:
+    """--env-kwargs KEY=VALUE strings as keyword arguments for gym.make."""
+    kwargs = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier() or key in kwargs:
+            raise UsageError(f"--env-kwargs {item!r}: expected KEY=VALUE with each KEY a distinct name")
+        kwargs[key] = parse_value(text)
+    return kwargs
+
+
+def unflattenable(space: gym.Space) -> str | None:
+    """The kind of the first part of an observation space that is not flattened to a vector, or None."""
     import gymnasium as gym
+    if isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple)):
+        parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
+        return next(filter(None, map(unflattenable, parts)), None)
+    flat = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiBinary, gym.spaces.MultiDiscrete)
+    return None if isinstance(space, flat) else type(space).__name__
+
+
+def make_env(env_id: str, kwargs: dict | None = None) -> gym.Env:
+    """gym.make with the built-in envs registered; an observation space other than a Box goes through gymnasium's
+    flattening (Discrete as one-hot), so that the agent sees a flat float32 Box."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the built-in envs)
+    kwargs = kwargs or {}
     try:
-        return gym.make(env_id)
+        env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         raise UsageError(f"cannot make env {env_id!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # a keyword the env does not take, or a value it refuses
+        given = " with --env-kwargs " + " ".join(f"{k}={v!r}" for k, v in kwargs.items()) if kwargs else ""
+        raise UsageError(f"cannot make env {env_id!r}{given}: {e}") from None
+    space = env.observation_space
+    if isinstance(space, gym.spaces.Box):
+        return env
+    if (kind := unflattenable(space)) is not None:
+        holding = "" if kind == type(space).__name__ else f" holding a {kind}"
+        raise UsageError(f"{env_id} observes a {type(space).__name__}{holding}; supported: Box, Discrete, MultiBinary, "
+                         "MultiDiscrete, and Dict or Tuple of them")
+    flat = gym.wrappers.FlattenObservation(env)
+    # bounds cast here, not by gymnasium's Box, which warns when a float64 part loses precision
+    box = gym.spaces.Box(flat.observation_space.low.astype(np.float32), flat.observation_space.high.astype(np.float32))
+    return gym.wrappers.TransformObservation(flat, lambda obs: obs.astype(np.float32), box)
 
 
 def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> ActionSpace:
@@ -129,7 +182,6 @@ def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> 
 
 def build(args: argparse.Namespace) -> Setup:
     """Env, action set and agent from the arguments; raises UsageError on anything unusable."""
-    import gymnasium as gym
     from tinygrad import Device, Tensor
 
     from ddpg import DDPGConfig
@@ -149,10 +201,8 @@ def build(args: argparse.Namespace) -> Setup:
     env_id = RENAMED_ENVS.get(args.env, args.env)
     if env_id != args.env:
         print(f"{args.env} is not in gymnasium; using {env_id} (same dynamics)")
-    env = make_env(env_id)
-    if not isinstance(env.observation_space, gym.spaces.Box):
-        raise UsageError(f"{env_id} has a {type(env.observation_space).__name__} observation space; "
-                         "supported: Box observations")
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    env = make_env(env_id, env_kwargs)
     if args.tau_update is None:
         args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
     space = make_action_space(env_id, env.action_space, args)
@@ -183,7 +233,7 @@ def build(args: argparse.Namespace) -> Setup:
             agent.load(folder)
         except ValueError as e:
             raise UsageError(f"cannot load weights: {e}") from None
-    return Setup(env_id, env, make_env(env_id), space, agent, k)
+    return Setup(env_id, env, make_env(env_id, env_kwargs), space, agent, k)
 
 
 def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed: int | None = None, memory=None,

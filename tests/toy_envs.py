@@ -1,11 +1,12 @@
-"""A gymnasium env with an action space the agent does not support, for the command-line tests."""
+"""Small gymnasium envs for the command-line tests: spaces the agent does or does not take."""
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 
 
 class MultiDiscreteToy(gym.Env):
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.MultiDiscrete([3, 3])
+    observation_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = spaces.MultiDiscrete([3, 3])
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -15,4 +16,39 @@ class MultiDiscreteToy(gym.Env):
         return np.zeros(2, np.float32), 0.0, True, False, {}
 
 
+OBSERVATIONS = {
+    "discrete": lambda: spaces.Discrete(4, start=1),
+    "multibinary": lambda: spaces.MultiBinary(3),
+    "multidiscrete": lambda: spaces.MultiDiscrete([2, 3]),
+    "dict": lambda: spaces.Dict(item=spaces.Discrete(5), clicks=spaces.MultiBinary(3), slate=spaces.Tuple(
+        (spaces.MultiDiscrete([2, 3]), spaces.Box(-1.0, 1.0, (2, 2), np.float64)))),
+    "text": lambda: spaces.Text(8),
+    "graph": lambda: spaces.Graph(spaces.Box(0.0, 1.0, (2,)), spaces.Discrete(2)),
+    "sequence": lambda: spaces.Sequence(spaces.Discrete(3)),
+    "dict_with_text": lambda: spaces.Dict(item=spaces.Discrete(2), query=spaces.Text(4)),
+}
+
+
+class ObservationToy(gym.Env):
+    """Observes random samples of the observation space named by `observation`; reward 1 for action 1; 3 steps."""
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, observation: str = "dict"):
+        if observation not in OBSERVATIONS:
+            raise ValueError(f"observation must be one of {', '.join(OBSERVATIONS)}")
+        self.observation_space = OBSERVATIONS[observation]()
+        self.last, self.t = None, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.observation_space.seed(int(self.np_random.integers(2 ** 31)))
+        self.t, self.last = 0, self.observation_space.sample()
+        return self.last, {}
+
+    def step(self, action):
+        self.t, self.last = self.t + 1, self.observation_space.sample()
+        return self.last, float(action == 1), self.t >= 3, False, {}
+
+
 gym.register("MultiDiscreteToy-v0", entry_point=MultiDiscreteToy)
+gym.register("ObservationToy-v0", entry_point=ObservationToy)
