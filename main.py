@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -36,7 +37,8 @@ DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01}
 os.environ.setdefault("HCQ2", "1")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with the reference's flag names and defaults."""
     p = argparse.ArgumentParser(description="Wolpertinger-DDPG in tinygrad: large discrete action sets.")
     p.add_argument("--env", default="Pendulum-v0", help="gymnasium env id (Pendulum-v0 means Pendulum-v1)")
     p.add_argument("--mode", default="train", choices=("train", "test", "plot"))
@@ -84,11 +86,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "after a one-off search of minutes, cached for later runs; 0: off")
     p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU or CUDA (default: tinygrad's choice)")
     p.add_argument("--output", default="output", help="folder that holds the run folders")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 class UsageError(Exception):
     """Bad input: reported as one line and a non-zero exit."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: low <= x (low < x where low_open) and x <= high; None is unbounded."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        return above and (self.high is None or x <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is None:
+            return "a finite number"
+        if self.high is None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# Every numeric flag's valid values, checked by `validate` before anything else runs.
+RANGES = {
+    "max_actions": Range(1), "max_episode": Range(1), "max_episode_length": Range(1), "test_episode": Range(1),
+    "gamma": Range(0, 1), "hidden1": Range(1), "hidden2": Range(1), "c_lr": Range(0, low_open=True),
+    "p_lr": Range(0, low_open=True), "weight_decay": Range(0), "warmup": Range(0), "bsize": Range(1),
+    "rmsize": Range(1), "tau_update": Range(0, 1, low_open=True), "ou_theta": Range(0), "ou_sigma": Range(0),
+    "ou_mu": Range(), "init_w": Range(0, low_open=True), "epsilon": Range(1), "random_candidate": Range(0, 1),
+    "seed": Range(), "save_per_epochs": Range(1), "k_ratio": Range(0, 1), "k": Range(1),
+    "eval_every": Range(0), "eval_episodes": Range(1), "beam": Range(0),
+}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raise UsageError naming the first numeric flag outside its range (a flag left unset, None, is fine)."""
+    options = {action.dest: action.option_strings[0] for action in build_parser()._actions}
+    for name, valid in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not valid.holds(value):
+            raise UsageError(f"{options[name]} must be {valid} (got {value})")
 
 
 @dataclass
@@ -125,8 +173,6 @@ def build(args: argparse.Namespace) -> Setup:
         except Exception as e:
             raise UsageError(f"tinygrad device {args.device!r} is not available ({type(e).__name__})") from None
         Device.DEFAULT = args.device.upper()
-    if args.beam < 0:
-        raise UsageError(f"--beam must be 0 (off) or a positive search width (got {args.beam})")
     if args.beam:
         from tinygrad.helpers import BEAM
         BEAM.value = args.beam
@@ -142,8 +188,6 @@ def build(args: argparse.Namespace) -> Setup:
         args.tau_update = DEFAULT_TAU.get(type(act).__name__)
     try:
         if isinstance(act, gym.spaces.Box):
-            if args.max_actions < 1:
-                raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
             space = GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
         elif isinstance(act, gym.spaces.Discrete):
             space = GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
@@ -152,9 +196,6 @@ def build(args: argparse.Namespace) -> Setup:
     except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
         raise UsageError(f"{env_id}: {e}") from None
     k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
-    for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)
@@ -310,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        validate(args)
         if args.mode == "plot":
             plot(args)
             return 0

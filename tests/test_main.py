@@ -197,3 +197,27 @@ def test_plot_mode_compares_runs(cartpole, tmp_path):
     result = run_main("--mode", "plot", "--load-model-dir", run_dir, other, "--output", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def invalid_values(valid, is_float: bool) -> list:
+    """Values just outside a range (and non-finite ones for a float flag)."""
+    values = [] if valid.low is None else [valid.low if valid.low_open else valid.low - (0.5 if is_float else 1)]
+    if valid.high is not None:
+        values.append(valid.high + (0.5 if is_float else 1))
+    return values + (["nan", "inf", "-inf"] if is_float else [])
+
+
+def test_every_numeric_flag_is_checked_before_a_run_folder_is_made(tmp_path, capsys):
+    import main
+    numeric = {a.dest: a for a in main.build_parser()._actions if a.type in (int, float)}
+    assert set(main.RANGES) == set(numeric)  # a new numeric flag needs its range
+    tried = 0
+    for dest, action in numeric.items():
+        for value in invalid_values(main.RANGES[dest], action.type is float):
+            code = main.main([f"{action.option_strings[0]}={value}", "--output", str(tmp_path / "out")])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {action.option_strings[0]} must be"), \
+                (dest, value, err)
+            tried += 1
+    assert tried >= 2 * len(numeric) and not (tmp_path / "out").exists()
+    assert main.validate(main.parse_args([])) is None  # every default is valid
