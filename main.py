@@ -281,26 +281,28 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     start, step, episode, interrupted, best_eval = time.time(), 0, 0, False, -np.inf
     bar = progress(args.max_episode)
     try:
-        for episode in range(1, args.max_episode + 1):
-            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 1 else None,
+        for episode in range(args.max_episode):  # numbered from 0, as the reference's log does
+            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
                                     memory, args.warmup, step)
+            done = episode + 1
             eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
-                if args.eval_every > 0 and episode % args.eval_every == 0 else None
+                if args.eval_every > 0 and done % args.eval_every == 0 else None
             log.episode(episode, step, ret, time.time() - start, eval_ret)
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret
                 agent.save(run_dir / "best")
             bar.update(1)
             bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
-            if episode % args.save_per_epochs == 0:
-                save(episode + 1)
+            if done % args.save_per_epochs == 0:
+                save(done)
+        episode = args.max_episode
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted during episode {episode}; saving")
-        episode, interrupted = episode - 1, True  # the interrupted episode was not logged
+        interrupted = True  # the interrupted episode was not logged
     bar.close()
     if interrupted or episode % args.save_per_epochs != 0:  # else the last episode's save holds everything
-        save(episode + 1)
+        save(episode)
     log.close()
     print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
           f"log, metrics, weights and plot in {run_dir}")
@@ -313,8 +315,8 @@ def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     returns, start = [], time.time()
     seed = args.seed if args.seed > 0 else None
     bar = progress(args.test_episode)
-    for episode in range(1, args.test_episode + 1):
-        ret, _ = run_episode(setup, setup.env, False, args.max_episode_length, seed if episode == 1 else None)
+    for episode in range(args.test_episode):
+        ret, _ = run_episode(setup, setup.env, False, args.max_episode_length, seed if episode == 0 else None)
         returns.append(ret)
         log.episode(episode, 0, ret, time.time() - start)
         bar.update(1)

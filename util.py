@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import struct
@@ -77,29 +78,38 @@ def load_tensors(path: Path) -> dict:
 
 
 class RunLog:
-    """RS_train_log / RS_test_log in the reference's format, plus the metrics CSV beside it."""
+    """RS_train_log / RS_test_log exactly as the reference wrote them (Python logging, `%(asctime)s : %(message)s`,
+    episodes numbered from 0, returns with 4 decimals), plus the metrics CSV beside it, whose `episode` column
+    counts episodes (1 for the episode logged as Ep:0)."""
 
     def __init__(self, run_dir: Path, mode: str, arguments: dict):
         self.log_path, self.csv_path = run_dir / f"RS_{mode}_log", run_dir / "metrics.csv"
-        self._log = open(self.log_path, "w", buffering=1)
+        self._logger = logging.getLogger(f"runlog.{run_dir.resolve()}.{mode}")
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False  # the file only; the console shows a progress bar
+        self._handler = logging.FileHandler(self.log_path, mode="w")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s : %(message)s"))
+        self._logger.addHandler(self._handler)
         for name, value in arguments.items():
-            self._log.write(f"{name}: {value}\n")
+            self.line(f"{name}: {value}")
         self._csv_file = open(self.csv_path, "w", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
         self._csv.writerow(METRICS_FIELDS)
 
     def line(self, text: str) -> None:
-        self._log.write(text + "\n")
+        self._logger.info(text)
 
     def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None = None):
-        self.line(f"Ep:{episode} | R:{ret:.2f}")
+        """Log episode `episode` (numbered from 0) and its evaluation, if any."""
+        self.line(f"Ep:{episode} | R:{ret:.4f}")
         if eval_return is not None:
-            self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.2f}")
-        self._csv.writerow([episode, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
+            self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.4f}")
+        self._csv.writerow([episode + 1, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
                             "" if eval_return is None else f"{eval_return:.4f}"])
 
     def close(self) -> None:
-        self._log.close()
+        self._logger.removeHandler(self._handler)
+        self._handler.close()
         self._csv_file.close()
 
 

@@ -1,5 +1,6 @@
 """End to end: main.py as a user runs it, in subprocesses, with real gymnasium, FLANN and tinygrad."""
 import csv
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} : (.*)")
+
+
+def log_messages(path: Path) -> list[str]:
+    """The messages of a log in the reference's format, `<asctime> : <message>`; fails on any other line."""
+    lines = path.read_text().splitlines()
+    matches = [LOG_LINE.fullmatch(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m]
+    return [m.group(1) for m in matches]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -46,13 +58,14 @@ def cartpole(tmp_path_factory):
 
 def test_cartpole_trains_and_writes_its_run_folder(cartpole):
     _, run_dir = cartpole
-    lines = (run_dir / "RS_train_log").read_text().splitlines()
+    lines = log_messages(run_dir / "RS_train_log")
     assert lines[0] == "env: CartPole-v1" and "seed: 3" in lines and "k_ratio: 0.1" in lines
     episodes = [line for line in lines if line.startswith("Ep:")]
-    assert [e.split(" | ")[0] for e in episodes] == ["Ep:1", "Ep:2", "Ep:3", "Ep:4"]
-    assert all(float(e.split("R:")[1]) > 0 for e in episodes)
-    assert "### Model Saved before Ep:3 ###" in lines and lines[-1] == "### Model Saved before Ep:5 ###"
-    assert [line.split(" | ")[0] for line in lines if line.startswith("Eval")] == ["Eval after Ep:2", "Eval after Ep:4"]
+    assert [e.split(" | ")[0] for e in episodes] == ["Ep:0", "Ep:1", "Ep:2", "Ep:3"]  # numbered from 0
+    assert all(re.fullmatch(r"Ep:\d \| R:\d+\.0000", e) for e in episodes)  # CartPole's returns, 4 decimals
+    assert lines.index("### Model Saved before Ep:2 ###") == lines.index(episodes[1]) + 2  # after Ep:1 and its eval
+    assert lines[-1] == "### Model Saved before Ep:4 ###"
+    assert [line.split(" | ")[0] for line in lines if line.startswith("Eval")] == ["Eval after Ep:1", "Eval after Ep:3"]
     rows = metrics(run_dir)
     assert list(rows[0]) == ["episode", "env_steps", "return", "wall_seconds", "eval_return"]
     assert [r["episode"] for r in rows] == ["1", "2", "3", "4"]
@@ -114,8 +127,8 @@ def test_test_mode_reloads_the_weights(cartpole):
     assert result.returncode == 0, result.stderr
     assert "return mean" in result.stdout and "std" in result.stdout
     test_dir = output / "CartPole-v1-run2"
-    log = (test_dir / "RS_test_log").read_text().splitlines()
-    assert len([line for line in log if line.startswith("Ep:")]) == 2
+    log = log_messages(test_dir / "RS_test_log")
+    assert [line.split(" | ")[0] for line in log if line.startswith("Ep:")] == ["Ep:0", "Ep:1"]
     assert snapshot(run_dir) == before
 
 
@@ -184,9 +197,9 @@ def test_interrupt_saves_everything_and_exits_0(sig, tmp_path):
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "saving" in stdout
     run_dir = tmp_path / "CartPole-v1-run1"
-    log = (run_dir / "RS_train_log").read_text().splitlines()
+    log = log_messages(run_dir / "RS_train_log")
     logged = len([line for line in log if line.startswith("Ep:")])
-    assert logged >= 3 and log[-1] == f"### Model Saved before Ep:{logged + 1} ###"
+    assert logged >= 3 and log[-1] == f"### Model Saved before Ep:{logged} ###"
     assert len(metrics(run_dir)) == logged
     assert_run_files(run_dir)
 
