@@ -35,6 +35,11 @@ DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01}
 # tinygrad's HCQ2 runtime runs a compiled graph as one native call instead of one Python call per kernel
 # (CartPole: 4.0 instead of 4.9 ms per step). tinygrad reads it once, when first imported; HCQ2=0 turns it off.
 os.environ.setdefault("HCQ2", "1")
+# No pool of compile worker processes: `timeout` and a terminal's job control signal the whole process group, and a
+# worker killed by SIGTERM while waiting for work dies holding the pool's task-queue lock, so multiprocessing's exit
+# handler (Pool._terminate_pool -> _help_stuff_finish) waits for that lock forever. Compiling in-process is no
+# slower here (Pendulum, 2 episodes: 17-20 s with PARALLEL=0 against 24-29 s with PARALLEL=2 on 2 cores).
+os.environ.setdefault("PARALLEL", "0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +142,27 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not valid.holds(value):
             raise UsageError(f"{options[name]} must be {valid} (got {value})")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first ends training after the episode in progress (and its evaluation) with everything
+    saved; a second exits at once, keeping the last complete checkpoint. Ignored SIGINT (nohup) is taken too."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        # os.write, not print: the handler may run while the progress bar is in the middle of writing to stderr
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this episode, then saving "
+                    "(again to quit at once, keeping the last checkpoint)\n".encode())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -258,7 +284,7 @@ def progress(total: int):
     return tqdm(total=total, unit="ep", dynamic_ncols=True, mininterval=1.0, disable=None)
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest) -> None:
     from memory import ReplayMemory
     from util import RunLog, plot_runs, read_metrics
 
@@ -270,38 +296,39 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     if seed is not None:
         setup.eval_env.reset(seed=seed + 1)
 
+    saved_before = None
+
     def save(before_episode: int) -> None:
+        nonlocal saved_before
+        saved_before = before_episode
         agent.save(run_dir)
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
-    # Ctrl-C, and a plain `kill`, end training with everything saved (also where SIGINT was ignored, e.g. under nohup)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
-    start, step, episode, interrupted, best_eval = time.time(), 0, 0, False, -np.inf
+    start, step, episode, best_eval = time.time(), 0, 0, -np.inf
     bar = progress(args.max_episode)
-    try:
-        for episode in range(args.max_episode):  # numbered from 0, as the reference's log does
-            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
-                                    memory, args.warmup, step)
-            done = episode + 1
-            eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
-                if args.eval_every > 0 and done % args.eval_every == 0 else None
-            log.episode(episode, step, ret, time.time() - start, eval_ret)
-            if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
-                best_eval = eval_ret
-                agent.save(run_dir / "best")
-            bar.update(1)
-            bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
-            if done % args.save_per_epochs == 0:
-                save(done)
+    for episode in range(args.max_episode):  # numbered from 0, as the reference's log does
+        if stop.requested:
+            bar.close()
+            print(f"stopped before Ep:{episode}; saving")
+            break
+        ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
+                                memory, args.warmup, step)
+        done = episode + 1
+        eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
+            if args.eval_every > 0 and done % args.eval_every == 0 else None
+        log.episode(episode, step, ret, time.time() - start, eval_ret)
+        if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
+            best_eval = eval_ret
+            agent.save(run_dir / "best")
+        bar.update(1)
+        bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
+        if done % args.save_per_epochs == 0:
+            save(done)
+    else:
         episode = args.max_episode
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted during episode {episode}; saving")
-        interrupted = True  # the interrupted episode was not logged
     bar.close()
-    if interrupted or episode % args.save_per_epochs != 0:  # else the last episode's save holds everything
+    if saved_before != episode:  # else the last episode's save holds everything
         save(episode)
     log.close()
     print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
@@ -348,10 +375,10 @@ def plot(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace, stop: StopRequest | None) -> int:
+    """Validate, build and run the chosen mode; returns the exit status."""
     from util import new_run_dir
 
-    args = parse_args(argv)
     try:
         validate(args)
         if args.mode == "plot":
@@ -366,8 +393,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
-    (train if args.mode == "train" else test)(args, setup, run_dir)
+    if stop is None:
+        test(args, setup, run_dir)
+    else:
+        train(args, setup, run_dir, stop)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = StopRequest() if args.mode == "train" else None  # from the start: a signal during set-up stops too
+    try:
+        return run(args, stop)
+    finally:
+        if stop is not None:
+            stop.restore()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """End to end: main.py as a user runs it, in subprocesses, with real gymnasium, FLANN and tinygrad."""
 import csv
+import os
+import random
 import re
 import shutil
 import signal
@@ -184,24 +186,37 @@ def test_unwritable_output_folder(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def start_main(*args) -> subprocess.Popen:
+    """main.py in its own process group, so that a signal can go to the whole group as `timeout` sends it."""
+    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_everything_and_exits_0(sig, tmp_path):
-    proc = subprocess.Popen([sys.executable, "main.py", "--env", "CartPole-v1", "--max-episode", "100000",
-                             "--warmup", "20", "--eval-every", "0", "--output", str(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    csv_path, deadline = tmp_path / "CartPole-v1-run1" / "metrics.csv", time.time() + 120
-    while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) > 3):
-        time.sleep(0.2)
-    proc.send_signal(sig)
+def test_a_signal_at_a_random_moment_saves_everything_and_exits_0(sig, tmp_path):
+    delay = random.uniform(0.5, 8.0)  # from the imports, through the first compiles, into training
+    proc = start_main("--env", "CartPole-v1", "--max-episode", 100000, "--warmup", 20, "--eval-every", 3,
+                      "--eval-episodes", 1, "--output", tmp_path)
+    time.sleep(delay)
+    os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "saving" in stdout
+    assert proc.returncode == 0 and "Traceback" not in stderr, (delay, stderr)
+    assert "saving" in stdout
     run_dir = tmp_path / "CartPole-v1-run1"
     log = log_messages(run_dir / "RS_train_log")
     logged = len([line for line in log if line.startswith("Ep:")])
-    assert logged >= 3 and log[-1] == f"### Model Saved before Ep:{logged} ###"
-    assert len(metrics(run_dir)) == logged
+    assert log[-1] == f"### Model Saved before Ep:{logged} ###" and len(metrics(run_dir)) == logged
     assert_run_files(run_dir)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    proc = start_main("--env", "CartPole-v1", "--max-episode", 100000, "--output", tmp_path)
+    time.sleep(3.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=2)
+    assert proc.returncode == 128 + signal.SIGINT
 
 
 def test_plot_mode_compares_runs(cartpole, tmp_path):
