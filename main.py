@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -91,11 +92,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "after a one-off search of minutes, cached for later runs; 0: off")
     p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU or CUDA (default: tinygrad's choice)")
     p.add_argument("--output", default="output", help="folder that holds the run folders")
+    p.add_argument("--no-save-memory", action="store_true",
+                   help="leave the replay memory out of checkpoints (for huge memories): a run resumed from one "
+                        "refills an empty memory and pauses updates until it holds --warmup transitions again")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def option(dest: str) -> str:
+    """The command-line spelling of an argument, e.g. --save_per_epochs or --c-lr."""
+    return next(a.option_strings[0] for a in build_parser()._actions if a.dest == dest)
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags that `argv` sets explicitly."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# Flags that a resumed run may set anew; every other one comes from the checkpoint, so the run continues exactly.
+RESUME_MAY_CHANGE = {"mode", "load", "load_model_dir", "output", "max_episode", "save_per_epochs", "test_episode",
+                     "id", "beam", "device", "no_save_memory"}
+
+
+def load_folder(args: argparse.Namespace) -> Path:
+    """The one --load-model-dir of test mode and --load, which must exist."""
+    if len(args.load_model_dir) != 1:
+        raise UsageError("--mode test and --load need exactly one --load-model-dir")
+    folder = Path(args.load_model_dir[0])
+    if not folder.is_dir():
+        raise UsageError(f"--load-model-dir {folder}: no such folder")
+    return folder
+
+
+def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> argparse.Namespace:
+    """The checkpoint's settings, with the flags of RESUME_MAY_CHANGE given on this command line; a flag given
+    with another value than the checkpoint's is an error."""
+    merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
+    for name in given:
+        if name in RESUME_MAY_CHANGE:
+            setattr(merged, name, getattr(args, name))
+        elif getattr(args, name) != saved.get(name):
+            raise UsageError(f"--load continues a run with its own settings: {option(name)} is {saved.get(name)!r} "
+                             f"there, not {getattr(args, name)!r} (start a new run to change it)")
+    return merged
 
 
 class UsageError(Exception):
@@ -137,11 +182,10 @@ RANGES = {
 
 def validate(args: argparse.Namespace) -> None:
     """Raise UsageError naming the first numeric flag outside its range (a flag left unset, None, is fine)."""
-    options = {action.dest: action.option_strings[0] for action in build_parser()._actions}
     for name, valid in RANGES.items():
         value = getattr(args, name)
         if value is not None and not valid.holds(value):
-            raise UsageError(f"{options[name]} must be {valid} (got {value})")
+            raise UsageError(f"{option(name)} must be {valid} (got {value})")
 
 
 class StopRequest:
@@ -236,13 +280,8 @@ def build(args: argparse.Namespace) -> Setup:
     except ValueError as e:  # an impossible k or probability
         raise UsageError(str(e)) from None
     if args.mode == "test" or args.load:
-        if len(args.load_model_dir) != 1:
-            raise UsageError("--mode test and --load need exactly one --load-model-dir")
-        folder = Path(args.load_model_dir[0])
-        if not folder.is_dir():
-            raise UsageError(f"--load-model-dir {folder}: no such folder")
         try:
-            agent.load(folder)
+            agent.load(load_folder(args))
         except ValueError as e:
             raise UsageError(f"cannot load weights: {e}") from None
     return Setup(env_id, env, make_env(env_id), space, agent, k)
@@ -266,7 +305,9 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
         if memory is not None:
             # a cut at max_steps is a truncation too: only `terminated` ends the return
             memory.append(obs.ravel(), space.points(index), reward, np.ravel(next_obs), terminated)
-            if step > warmup:
+            # from a fresh start the second test is the first; resumed without its memory, updates wait until
+            # the memory holds `warmup` transitions again
+            if step > warmup and len(memory) > min(warmup, memory.capacity - 1):
                 agent.update(memory)
         obs = next_obs
         if terminated or truncated:
@@ -284,30 +325,69 @@ def progress(total: int):
     return tqdm(total=total, unit="ep", dynamic_ncols=True, mininterval=1.0, disable=None)
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest) -> None:
+def checkpoint(args: argparse.Namespace, setup: Setup, memory, counters: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The whole training state: the agent's, the filled replay memory (unless --no-save-memory), both envs'
+    random states, the loop's counters and the run's settings."""
+    arrays, scalars = setup.agent.training_state()
+    scalars |= counters | {"format": 1, "args": vars(args), "memory": None,
+                           "env_rng": setup.env.unwrapped.np_random.bit_generator.state,
+                           "eval_env_rng": setup.eval_env.unwrapped.np_random.bit_generator.state}
+    if not args.no_save_memory:
+        memory_arrays, scalars["memory"] = memory.state()
+        arrays |= {f"memory.{name}": array for name, array in memory_arrays.items()}
+    return arrays, scalars
+
+
+def restore(setup: Setup, memory, path: Path) -> dict:
+    """Load a checkpoint written from `checkpoint` into the agent, memory and envs; returns its scalars."""
+    from memory import FIELDS
+    from util import read_tensors
+
+    arrays, scalars = read_tensors(path)
+    setup.agent.load_training_state(arrays, scalars)
+    if scalars["memory"] is not None:
+        memory.load_state({name: arrays[f"memory.{name}"] for name in FIELDS}, scalars["memory"])
+    setup.env.unwrapped.np_random.bit_generator.state = scalars["env_rng"]
+    setup.eval_env.unwrapped.np_random.bit_generator.state = scalars["eval_env_rng"]
+    return scalars
+
+
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, parent: Path | None = None) -> None:
+    """Train from scratch, or continue the run whose checkpoint is in `parent` (its log, metrics and best weights
+    so far are copied into `run_dir`, which then continues them)."""
+    from ddpg import CHECKPOINT
     from memory import ReplayMemory
-    from util import RunLog, plot_runs, read_metrics
+    from util import RunLog, plot_runs, read_metrics, save_tensors
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
-    log = RunLog(run_dir, "train", vars(args))
     title = f"{setup.env_id}: {setup.space.n} actions, k = {setup.k}"
     seed = args.seed if args.seed > 0 else None
     if seed is not None:
         setup.eval_env.reset(seed=seed + 1)
-
+    first, step, wall, best_eval, arguments = 0, 0, 0.0, -np.inf, vars(args)
+    if parent is not None:
+        saved = restore(setup, memory, parent / CHECKPOINT)
+        first, step, wall, best_eval = saved["episode"], saved["env_steps"], saved["wall_seconds"], saved["best_eval"]
+        arguments = {name: value for name, value in vars(args).items() if saved["args"].get(name) != value}
+        if (parent / "best").is_dir():
+            shutil.copytree(parent / "best", run_dir / "best")
+    log = RunLog(run_dir, "train", arguments, None if parent is None else (parent, first))
+    start = time.time() - wall
     saved_before = None
 
     def save(before_episode: int) -> None:
         nonlocal saved_before
+        counters = dict(episode=before_episode, env_steps=step, wall_seconds=time.time() - start, best_eval=best_eval)
+        save_tensors(run_dir / CHECKPOINT, *checkpoint(args, setup, memory, counters))
         saved_before = before_episode
-        agent.save(run_dir)
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
-    start, step, episode, best_eval = time.time(), 0, 0, -np.inf
     bar = progress(args.max_episode)
-    for episode in range(args.max_episode):  # numbered from 0, as the reference's log does
+    bar.update(first)
+    episode = first
+    for episode in range(first, args.max_episode):  # numbered from 0, as the reference's log does
         if stop.requested:
             bar.close()
             print(f"stopped before Ep:{episode}; saving")
@@ -320,7 +400,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
         log.episode(episode, step, ret, time.time() - start, eval_ret)
         if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
             best_eval = eval_ret
-            agent.save(run_dir / "best")
+            agent.save(run_dir / "best", {"episode": done, "eval_return": eval_ret})
         bar.update(1)
         bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
         if done % args.save_per_epochs == 0:
@@ -331,8 +411,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
     if saved_before != episode:  # else the last episode's save holds everything
         save(episode)
     log.close()
-    print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
-          f"log, metrics, weights and plot in {run_dir}")
+    print(f"trained to Ep:{episode} ({step} env steps, {time.time() - start:.0f} s); "
+          f"log, metrics, checkpoint and plot in {run_dir}")
 
 
 def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
@@ -375,7 +455,29 @@ def plot(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def run(args: argparse.Namespace, stop: StopRequest | None) -> int:
+def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Path | None]:
+    """For --load: the run folder to continue and its settings, or None where the folder holds weights only."""
+    from ddpg import CHECKPOINT
+    from util import read_tensors
+
+    folder = load_folder(args)
+    saved = None
+    if (folder / CHECKPOINT).is_file():
+        try:
+            saved = read_tensors(folder / CHECKPOINT, [])[1]
+        except ValueError as e:
+            raise UsageError(f"cannot load {folder / CHECKPOINT}: {e}") from None
+    if saved is None or "args" not in saved:
+        print(f"notice: {folder} holds weights only (an older checkpoint, or best/): Adam's moments, exploration, "
+              "random states, counters and replay memory start afresh")
+        return args, None
+    args = resume_args(args, given, saved["args"])
+    if args.max_episode <= saved["episode"]:
+        raise UsageError(f"{folder} is already trained to Ep:{saved['episode']}; give a larger --max-episode")
+    return args, folder
+
+
+def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> int:
     """Validate, build and run the chosen mode; returns the exit status."""
     from util import new_run_dir
 
@@ -384,6 +486,7 @@ def run(args: argparse.Namespace, stop: StopRequest | None) -> int:
         if args.mode == "plot":
             plot(args)
             return 0
+        args, parent = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
         setup = build(args)
         try:
             run_dir = new_run_dir(Path(args.output), args.env)
@@ -392,11 +495,11 @@ def run(args: argparse.Namespace, stop: StopRequest | None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run folder: {run_dir}")
+    print(f"run folder: {run_dir}" + ("" if parent is None else f", continuing {parent}"))
     if stop is None:
         test(args, setup, run_dir)
     else:
-        train(args, setup, run_dir, stop)
+        train(args, setup, run_dir, stop, parent)
     return 0
 
 
@@ -404,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = StopRequest() if args.mode == "train" else None  # from the start: a signal during set-up stops too
     try:
-        return run(args, stop)
+        return run(args, given_flags(argv), stop)
     finally:
         if stop is not None:
             stop.restore()

@@ -38,7 +38,8 @@ def new_run_dir(output_root: Path, env_id: str) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), then rename the temporary file onto `path`."""
+    """Call write(tmp_path), then rename the temporary file onto `path`: `path` holds the old or the new
+    contents, whole, whenever the process dies."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -47,13 +48,21 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_tensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays as a float32 safetensors file, atomically. Plain numpy: tinygrad's safe_save runs a CPU
-    kernel, which fails on a GPU machine without a C compiler for the CPU."""
+SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64", "uint32": "U32"}
+NUMPY_DTYPES = {code: np.dtype(name).newbyteorder("<") for name, code in SAFETENSORS_DTYPES.items()}
+
+
+def save_tensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write arrays (float32, float64, int64 or uint32) as one safetensors file, atomically and flushed to disk;
+    `metadata` (JSON) goes into the header. Plain numpy: tinygrad's safe_save runs a CPU kernel, which fails on a
+    GPU machine without a C compiler for the CPU."""
     header, start = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = {"json": json.dumps(metadata)}
     for name, array in arrays.items():
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [start, start + 4 * array.size]}
-        start += 4 * array.size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [start, start + array.nbytes]}
+        start += array.nbytes
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
 
@@ -61,8 +70,37 @@ def save_tensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
             for array in arrays.values():
-                f.write(np.ascontiguousarray(array, "<f4").tobytes())
+                f.write(np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # a crash of the machine, not only of the process, keeps the file whole
     write_atomically(path, write)
+
+
+def read_tensors(path: Path, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Arrays (all, or those named) and the JSON metadata of a safetensors file, read with numpy.
+    Raises ValueError when the file is missing, truncated or not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+            if not isinstance(header, dict):
+                raise ValueError("truncated header")
+            meta = header.pop("__metadata__", None)
+            arrays = {}
+            for name in header if names is None else names:
+                entry = header[name]
+                lo, hi = entry["data_offsets"]
+                if 8 + n + hi > size:
+                    raise ValueError("truncated data")
+                f.seek(8 + n + lo)
+                arrays[name] = np.fromfile(f, NUMPY_DTYPES[entry["dtype"]], (hi - lo) // NUMPY_DTYPES[
+                    entry["dtype"]].itemsize).reshape(entry["shape"])
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:  # a damaged file fails in many ways
+        raise ValueError(f"not a readable checkpoint file ({type(e).__name__})") from None
+    return arrays, None if meta is None else json.loads(meta["json"])
 
 
 def load_tensors(path: Path) -> dict:
@@ -82,19 +120,27 @@ class RunLog:
     episodes numbered from 0, returns with 4 decimals), plus the metrics CSV beside it, whose `episode` column
     counts episodes (1 for the episode logged as Ep:0)."""
 
-    def __init__(self, run_dir: Path, mode: str, arguments: dict):
+    def __init__(self, run_dir: Path, mode: str, arguments: dict, parent: tuple[Path, int] | None = None):
+        """A new log and CSV of `arguments`; with `parent` = (run folder, episode), they continue that run's log
+        and metrics up to its checkpoint before that episode instead, copied, and log `arguments` after a
+        `### Resumed from ... ###` line."""
         self.log_path, self.csv_path = run_dir / f"RS_{mode}_log", run_dir / "metrics.csv"
+        if parent is not None:
+            _copy_history(parent[0], run_dir, f"RS_{mode}_log", parent[1])
         self._logger = logging.getLogger(f"runlog.{run_dir.resolve()}.{mode}")
         self._logger.setLevel(logging.INFO)
         self._logger.propagate = False  # the file only; the console shows a progress bar
-        self._handler = logging.FileHandler(self.log_path, mode="w")
+        self._handler = logging.FileHandler(self.log_path, mode="a")
         self._handler.setFormatter(logging.Formatter("%(asctime)s : %(message)s"))
         self._logger.addHandler(self._handler)
+        if parent is not None:
+            self.line(f"### Resumed from {parent[0]} before Ep:{parent[1]} ###")
         for name, value in arguments.items():
             self.line(f"{name}: {value}")
-        self._csv_file = open(self.csv_path, "w", newline="", buffering=1)
+        self._csv_file = open(self.csv_path, "a", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(METRICS_FIELDS)
+        if parent is None:
+            self._csv.writerow(METRICS_FIELDS)
 
     def line(self, text: str) -> None:
         self._logger.info(text)
@@ -111,6 +157,24 @@ class RunLog:
         self._logger.removeHandler(self._handler)
         self._handler.close()
         self._csv_file.close()
+
+
+EPISODE_LINE = re.compile(r".* : (?:Eval after )?Ep:(\d+) \|.*|.* : ### Model Saved before Ep:(\d+) ###")
+
+
+def _copy_history(parent: Path, run_dir: Path, log_name: str, episode: int) -> None:
+    """Copy a run's log and metrics up to its save before `episode` (dropping what came after that save)."""
+    kept = []
+    for line in (parent / log_name).read_text().splitlines(keepends=True):
+        m = EPISODE_LINE.fullmatch(line.rstrip("\n"))
+        if m and (int(m.group(1)) >= episode if m.group(1) else int(m.group(2)) > episode):
+            break
+        kept.append(line)
+    (run_dir / log_name).write_text("".join(kept))
+    with open(parent / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.reader(f)]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [row for row in rows[1:] if int(row[0]) <= episode])
 
 
 def read_metrics(csv_path: Path) -> dict[str, np.ndarray]:

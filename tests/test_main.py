@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from util import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CARTPOLE = ["--env", "CartPole-v1", "--max-episode", "4", "--warmup", "20", "--save_per_epochs", "2",
@@ -44,8 +47,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def assert_run_files(run_dir: Path) -> None:
-    for name in NETWORKS:
-        assert (run_dir / f"{name}.safetensors").stat().st_size > 1000
+    arrays, state = read_tensors(run_dir / "checkpoint.safetensors")
+    assert {f"{name}.fc1.weight" for name in NETWORKS} <= set(arrays) and state["episode"] == len(metrics(run_dir))
     assert (run_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run_dir.glob(".*.tmp"))
 
@@ -116,9 +119,11 @@ def test_best_evaluation_keeps_its_weights(cartpole):
     _, run_dir = cartpole
     first, last = [float(r["eval_return"]) for r in metrics(run_dir) if r["eval_return"]]
     best = run_dir / "best"
-    assert sorted(p.name for p in best.iterdir()) == sorted(f"{name}.safetensors" for name in NETWORKS)
+    assert [p.name for p in best.iterdir()] == ["checkpoint.safetensors"]
+    best_actor = read_tensors(best / "checkpoint.safetensors", ["actor.fc1.weight"])[0]["actor.fc1.weight"]
+    final_actor = read_tensors(run_dir / "checkpoint.safetensors", ["actor.fc1.weight"])[0]["actor.fc1.weight"]
     # no update runs between the last evaluation and the final save: the same weights if and only if it was best
-    assert ((best / "actor.safetensors").read_bytes() == (run_dir / "actor.safetensors").read_bytes()) == (last > first)
+    assert np.array_equal(best_actor, final_actor) == (last > first)
 
 
 def test_test_mode_reloads_the_weights(cartpole):
@@ -136,15 +141,23 @@ def test_test_mode_reloads_the_weights(cartpole):
 
 def test_continue_training_with_load(cartpole, tmp_path):
     _, run_dir = cartpole
-    result = run_main(*SHORT_CARTPOLE, "--max-episode", 1, "--load", "--load-model-dir", run_dir, "--output", tmp_path)
+    before = snapshot(run_dir)
+    result = run_main("--load", "--load-model-dir", run_dir, "--max-episode", 6, "--output", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert_run_files(tmp_path / "CartPole-v1-run1")
+    resumed = tmp_path / "CartPole-v1-run1"
+    log = log_messages(resumed / "RS_train_log")
+    assert log[:len(log_messages(run_dir / "RS_train_log"))] == log_messages(run_dir / "RS_train_log")
+    assert f"### Resumed from {run_dir} before Ep:4 ###" in log and "max_episode: 6" in log
+    assert [line.split(" | ")[0] for line in log if line.startswith("Ep:")] == [f"Ep:{i}" for i in range(6)]
+    assert [r["episode"] for r in metrics(resumed)] == ["1", "2", "3", "4", "5", "6"]
+    assert_run_files(resumed)
+    assert snapshot(run_dir) == before
 
 
 def corrupt(run_dir: Path, tmp_path: Path, damage) -> Path:
     copy = tmp_path / "damaged"
     shutil.copytree(run_dir, copy)
-    damage(copy / "actor.safetensors")
+    damage(copy / "checkpoint.safetensors")
     return copy
 
 
@@ -161,6 +174,8 @@ BAD_INPUTS = {
                                             corrupt(run, tmp, lambda p: p.write_bytes(b"\x07garbage" * 50))],
     "truncated checkpoint": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
                                               corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:300]))],
+    "resume with another setting": lambda run, tmp: ["--load", "--load-model-dir", run, "--gamma", 0.5],
+    "resume with nothing to do": lambda run, tmp: ["--load", "--load-model-dir", run, "--max-episode", 4],
     "checkpoint of another env": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--mode", "test",
                                                    "--load-model-dir", run],
 }

@@ -1,0 +1,128 @@
+"""Stop, crash, resume: checkpoints are whole or absent, and a stopped seeded run continues exactly."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from util import read_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from util import save_tensors
+path, generation = Path(sys.argv[1]), 0
+while True:
+    generation += 1
+    save_tensors(path, {"a": np.full(1_000_000, generation, np.float32), "b": np.full(7, generation, np.int64)},
+                 {"generation": generation})
+"""
+
+
+def test_a_checkpoint_is_whole_or_absent_whatever_moment_kill_9_lands(tmp_path):
+    path, landed_mid_write = tmp_path / "checkpoint.safetensors", 0
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT)
+        time.sleep(random.uniform(0.2, 0.5))
+        proc.kill()
+        proc.wait()
+        landed_mid_write += (tmp_path / ".checkpoint.safetensors.tmp").exists()
+        arrays, meta = read_tensors(path)
+        assert (arrays["a"] == meta["generation"]).all() and (arrays["b"] == meta["generation"]).all()
+    assert landed_mid_write > 0  # the kills did hit writes in progress
+
+
+def main_in_process(*args) -> int:
+    import main
+    return main.main([str(a) for a in args])
+
+
+def returns(run_dir: Path) -> list[str]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [row["return"] for row in csv.DictReader(f)]
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    arrays_a, scalars_a = read_tensors(a / "checkpoint.safetensors")
+    arrays_b, scalars_b = read_tensors(b / "checkpoint.safetensors")
+    assert sorted(arrays_a) == sorted(arrays_b)
+    assert [name for name in arrays_a if not np.array_equal(arrays_a[name], arrays_b[name])] == []
+    different = {k for k in scalars_a if scalars_a[k] != scalars_b[k]}
+    assert different <= {"wall_seconds", "args"}, different
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        if log.exists() and text in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {log}")
+
+
+def check_resume_is_exact(flags: list, tmp_path: Path, crash) -> None:
+    """Crash a run that `crash(flags, output)` starts and stops, resume it from its checkpoint for two more
+    episodes, and compare with the same run never stopped: the same returns, the same training state."""
+    crashed = tmp_path / "crashed"
+    crash([*map(str, flags), "--max-episode", "1000", "--output", str(crashed)], crashed)
+    parent = next(crashed.iterdir())
+    total = read_tensors(parent / "checkpoint.safetensors", [])[1]["episode"] + 2
+    assert main_in_process("--load", "--load-model-dir", parent, "--max-episode", total, "--output", crashed) == 0
+    resumed = crashed / parent.name.replace("run1", "run2")
+    assert main_in_process(*flags, "--max-episode", total, "--output", tmp_path / "whole") == 0
+    whole = next((tmp_path / "whole").iterdir())
+    assert len(returns(whole)) == total and returns(resumed) == returns(whole)
+    assert_same_training_state(resumed, whole)
+
+
+def test_cartpole_killed_9_just_after_a_save_resumes_exactly(tmp_path):
+    def kill_9_after_the_second_save(args, out):
+        proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for_line(out / "CartPole-v1-run1" / "RS_train_log", "### Model Saved before Ep:2 ###", proc)
+        proc.kill()
+        proc.wait()
+
+    check_resume_is_exact(["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--eval-every", 2,
+                           "--eval-episodes", 1, "--seed", 4], tmp_path, kill_9_after_the_second_save)
+
+
+def test_pendulum_stopped_by_sigterm_resumes_exactly(tmp_path):
+    def sigterm_during_episode_2(args, out):  # in this process: its handler is main's while main runs
+        log = out / "Pendulum-v0-run1" / "RS_train_log"
+        sender = threading.Thread(target=lambda: (wait_for_line(log, "Ep:1 |"), os.kill(os.getpid(), signal.SIGTERM)))
+        sender.start()
+        assert main_in_process(*args) == 0
+        sender.join()
+
+    check_resume_is_exact(["--env", "Pendulum-v0", "--max-actions", 101, "--max-episode-length", 40, "--warmup", 10,
+                           "--save_per_epochs", 50, "--eval-every", 2, "--eval-episodes", 1, "--seed", 5], tmp_path,
+                          sigterm_during_episode_2)
+
+
+def test_an_older_checkpoint_of_four_files_loads_weights_only_with_a_notice(tmp_path, capsys):
+    import main
+    from util import save_tensors
+    setup = main.build(main.parse_args(["--env", "CartPole-v1", "--seed", "8"]))
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, net in setup.agent.networks().items():
+        save_tensors(old / f"{name}.safetensors", net.state_dict())
+    assert main_in_process("--env", "CartPole-v1", "--load", "--load-model-dir", old, "--max-episode", 1,
+                           "--save_per_epochs", 1, "--output", tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert f"notice: {old} holds weights only" in out
+    (run_dir,) = (tmp_path / "out").iterdir()
+    arrays, state = read_tensors(run_dir / "checkpoint.safetensors")
+    assert state["episode"] == 1 and len(returns(run_dir)) == 1  # counters start afresh
+    # one CartPole episode stays within the warm-up, so no update has changed the loaded weights
+    saved = setup.agent.actor.state_dict()
+    assert all(np.array_equal(arrays[f"actor.{name}"], value) for name, value in saved.items())
