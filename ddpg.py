@@ -189,6 +189,10 @@ class DDPG:
     def networks(self) -> dict[str, FlatParams]:
         return {name: getattr(self, name) for name in NETWORKS}
 
+    def parameters_finite(self) -> bool:
+        """Whether every network parameter is a finite number."""
+        return all(np.isfinite(read(net.flat)).all() for net in self.networks().values())
+
     def network_arrays(self) -> dict[str, np.ndarray]:
         """Every network's parameters, named `<network>.<parameter>`."""
         return {f"{name}.{param}": array for name, net in self.networks().items()
@@ -224,7 +228,7 @@ class DDPG:
 
     def save(self, folder: Path, metadata: dict | None = None) -> None:
         """Write the four networks (no training state) as `folder`/checkpoint.safetensors, whole or not at all."""
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)  # not its parents: a removed run folder is an error, not made anew
         save_tensors(folder / CHECKPOINT, self.network_arrays(), metadata)
 
     def load(self, folder: Path) -> None:

@@ -209,6 +209,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class Diverged(Exception):
+    """A loss, a parameter or the env's output is NaN or infinite: training stops before saving anything."""
+
+
 @dataclass
 class Setup:
     """Everything a run needs: the env (and a separate one for evaluation), the action set and the agent."""
@@ -300,6 +304,8 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
     for _ in range(max_steps):
         index = agent.random_action() if step < warmup else agent.select_action(obs, explore=explore)
         next_obs, reward, terminated, truncated, _ = env.step(space.to_env(index))
+        if not (np.isfinite(next_obs).all() and np.isfinite(reward)):
+            raise Diverged(f"the env returned a non-finite {'reward' if np.isfinite(next_obs).all() else 'observation'}")
         episode_return += float(reward)
         step += 1
         if memory is not None:
@@ -308,7 +314,10 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
             # from a fresh start the second test is the first; resumed without its memory, updates wait until
             # the memory holds `warmup` transitions again
             if step > warmup and len(memory) > min(warmup, memory.capacity - 1):
-                agent.update(memory)
+                losses = agent.update(memory)
+                if not np.isfinite(losses).all():
+                    bad = int(np.isfinite(losses[0]))  # 0: the critic's, 1: the actor's
+                    raise Diverged(f"the {('critic', 'actor')[bad]} loss is {losses[bad]}")
         obs = next_obs
         if terminated or truncated:
             break
@@ -352,9 +361,10 @@ def restore(setup: Setup, memory, path: Path) -> dict:
     return scalars
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, parent: Path | None = None) -> None:
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, parent: Path | None = None) -> int:
     """Train from scratch, or continue the run whose checkpoint is in `parent` (its log, metrics and best weights
-    so far are copied into `run_dir`, which then continues them)."""
+    so far are copied into `run_dir`, which then continues them). Returns the exit status: 1 where training
+    diverged or a file could not be written, with the last complete checkpoint kept."""
     from ddpg import CHECKPOINT
     from memory import ReplayMemory
     from util import RunLog, plot_runs, read_metrics, save_tensors
@@ -384,35 +394,51 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
+    def failed(message: str) -> int:
+        bar.close()
+        kept = f"{run_dir / CHECKPOINT} (before Ep:{saved_before})" if saved_before is not None else \
+            f"{parent / CHECKPOINT} (before Ep:{first})" if parent is not None else "none was written"
+        best = "; best/ untouched" if (run_dir / "best").is_dir() else ""
+        print(f"error: {message}; last complete checkpoint: {kept}{best}", file=sys.stderr)
+        return 1
+
     bar = progress(args.max_episode)
     bar.update(first)
     episode = first
-    for episode in range(first, args.max_episode):  # numbered from 0, as the reference's log does
-        if stop.requested:
-            bar.close()
-            print(f"stopped before Ep:{episode}; saving")
-            break
-        ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
-                                memory, args.warmup, step)
-        done = episode + 1
-        eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
-            if args.eval_every > 0 and done % args.eval_every == 0 else None
-        log.episode(episode, step, ret, time.time() - start, eval_ret)
-        if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
-            best_eval = eval_ret
-            agent.save(run_dir / "best", {"episode": done, "eval_return": eval_ret})
-        bar.update(1)
-        bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
-        if done % args.save_per_epochs == 0:
-            save(done)
-    else:
-        episode = args.max_episode
+    try:
+        for episode in range(first, args.max_episode):  # numbered from 0, as the reference's log does
+            if stop.requested:
+                bar.close()
+                print(f"stopped before Ep:{episode}; saving")
+                break
+            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
+                                    memory, args.warmup, step)
+            if not agent.parameters_finite():  # checked before anything is evaluated or saved
+                raise Diverged("a network parameter is not finite")
+            done = episode + 1
+            eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
+                if args.eval_every > 0 and done % args.eval_every == 0 else None
+            log.episode(episode, step, ret, time.time() - start, eval_ret)
+            if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
+                best_eval = eval_ret
+                agent.save(run_dir / "best", {"episode": done, "eval_return": eval_ret})
+            bar.update(1)
+            bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
+            if done % args.save_per_epochs == 0:
+                save(done)
+        else:
+            episode = args.max_episode
+        if saved_before != episode:  # else the last episode's save holds everything
+            save(episode)
+        log.close()
+    except Diverged as e:
+        return failed(f"training diverged in Ep:{episode}: {e}")
+    except OSError as e:  # a full disk, a removed run folder
+        return failed(f"cannot write to {run_dir}: {e.strerror or e}")
     bar.close()
-    if saved_before != episode:  # else the last episode's save holds everything
-        save(episode)
-    log.close()
     print(f"trained to Ep:{episode} ({step} env steps, {time.time() - start:.0f} s); "
           f"log, metrics, checkpoint and plot in {run_dir}")
+    return 0
 
 
 def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
@@ -498,9 +524,8 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
     print(f"run folder: {run_dir}" + ("" if parent is None else f", continuing {parent}"))
     if stop is None:
         test(args, setup, run_dir)
-    else:
-        train(args, setup, run_dir, stop, parent)
-    return 0
+        return 0
+    return train(args, setup, run_dir, stop, parent)
 
 
 def main(argv: list[str] | None = None) -> int:

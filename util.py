@@ -115,6 +115,13 @@ def load_tensors(path: Path) -> dict:
         raise ValueError(f"not a readable safetensors file ({type(e).__name__})") from None
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) raise, as any other file's do, instead of being printed."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise
+
+
 class RunLog:
     """RS_train_log / RS_test_log exactly as the reference wrote them (Python logging, `%(asctime)s : %(message)s`,
     episodes numbered from 0, returns with 4 decimals), plus the metrics CSV beside it, whose `episode` column
@@ -130,7 +137,7 @@ class RunLog:
         self._logger = logging.getLogger(f"runlog.{run_dir.resolve()}.{mode}")
         self._logger.setLevel(logging.INFO)
         self._logger.propagate = False  # the file only; the console shows a progress bar
-        self._handler = logging.FileHandler(self.log_path, mode="a")
+        self._handler = _FileHandler(self.log_path, mode="a")
         self._handler.setFormatter(logging.Formatter("%(asctime)s : %(message)s"))
         self._logger.addHandler(self._handler)
         if parent is not None:

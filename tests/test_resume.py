@@ -2,6 +2,8 @@
 import csv
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,3 +128,70 @@ def test_an_older_checkpoint_of_four_files_loads_weights_only_with_a_notice(tmp_
     # one CartPole episode stays within the warm-up, so no update has changed the loaded weights
     saved = setup.agent.actor.state_dict()
     assert all(np.array_equal(arrays[f"actor.{name}"], value) for name, value in saved.items())
+
+
+DIVERGING = ["--env", "CartPole-v1", "--c-lr", 1e12, "--warmup", 60, "--save_per_epochs", 1, "--eval-every", 1,
+             "--eval-episodes", 1, "--seed", 2, "--max-episode", 50]
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    """--c-lr 1e12: the first updates (after a 60-step warm-up, so a few episodes in) blow the networks up."""
+    import main
+    assert main_in_process(*DIVERGING, "--output", tmp_path) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    run_dir = tmp_path / "CartPole-v1-run1"
+    arrays, state = read_tensors(run_dir / "checkpoint.safetensors")
+    assert len(err) == 1 and err[0].startswith(f"error: training diverged in Ep:{state['episode']}: the ") and \
+        err[0].endswith(f"checkpoint: {run_dir / 'checkpoint.safetensors'} (before Ep:{state['episode']}); best/ untouched")
+    assert state["episode"] >= 2 and all(np.isfinite(a).all() for a in arrays.values())
+    best, _ = read_tensors(run_dir / "best" / "checkpoint.safetensors")
+    assert all(np.isfinite(a).all() for a in best.values())
+    assert main.main(["--load", "--load-model-dir", str(run_dir), "--c-lr", "1e-3"]) == 2  # a resume keeps c-lr
+
+
+def test_an_env_that_returns_nan_stops_training_with_one_line(tmp_path, capsys):
+    assert main_in_process("--env", "tests.toy_envs:NaNAfterToy-v0", "--warmup", 20, "--save_per_epochs", 2,
+                           "--eval-every", 0, "--max-episode", 10, "--output", tmp_path) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: training diverged in Ep:4: the env returned a non-finite observation; last complete "
+                   f"checkpoint: {tmp_path / 'tests.toy_envs_NaNAfterToy-v0-run1' / 'checkpoint.safetensors'} (before Ep:4)"]
+
+
+CARTPOLE = ["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--eval-every", 0, "--seed", 6]
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    assert main_in_process(*CARTPOLE, "--max-episode", 1, "--output", tmp_path / "probe") == 0
+    size = (tmp_path / "probe" / "CartPole-v1-run1" / "checkpoint.safetensors").stat().st_size
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, limit[1]))  # room for a few transitions more, no episode
+    try:
+        code = main_in_process(*CARTPOLE, "--max-episode", 50, "--output", tmp_path / "full")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    run_dir = tmp_path / "full" / "CartPole-v1-run1"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: cannot write to {run_dir}: File too large; last complete checkpoint: "
+                                 f"{run_dir / 'checkpoint.safetensors'} (before Ep:1)"]
+    assert read_tensors(run_dir / "checkpoint.safetensors", [])[1]["episode"] == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["RS_train_log", "checkpoint.safetensors", "metrics.csv",
+                                                           "reward_curve.png"]  # no temporary file left
+
+
+def test_a_removed_run_folder_stops_with_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "CartPole-v1-run1"
+
+    def remove_after_the_second_save():
+        wait_for_line(run_dir / "RS_train_log", "### Model Saved before Ep:2 ###")
+        while run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    thread = threading.Thread(target=remove_after_the_second_save)
+    thread.start()
+    assert main_in_process(*CARTPOLE, "--max-episode", 100000, "--output", tmp_path) == 1
+    thread.join()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write to {run_dir}: No such file or directory"), err
+    assert not run_dir.exists()
