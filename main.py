@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -188,12 +189,17 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"{option(name)} must be {valid} (got {value})")
 
 
+class Stopped(BaseException):
+    """A stop request inside `StopRequest.interruptible()` (a BaseException, so that no library swallows it)."""
+
+
 class StopRequest:
-    """SIGINT/SIGTERM: the first ends training after the episode in progress (and its evaluation) with everything
-    saved; a second exits at once, keeping the last complete checkpoint. Ignored SIGINT (nohup) is taken too."""
+    """SIGINT/SIGTERM: the first stops training with everything saved; within `interruptible()` at once (the
+    caller then saves the state from before the episode in progress), elsewhere at the next check of `requested`.
+    A second signal exits at once, keeping the last complete checkpoint. Ignored SIGINT (nohup) is taken too."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self._interruptible = False, False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame) -> None:
@@ -201,8 +207,22 @@ class StopRequest:
             os._exit(128 + signum)
         self.requested = True
         # os.write, not print: the handler may run while the progress bar is in the middle of writing to stderr
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this episode, then saving "
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping and saving "
                     "(again to quit at once, keeping the last checkpoint)\n".encode())
+        if self._interruptible:
+            self._interruptible = False
+            raise Stopped
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block that a stop request ends at once by raising Stopped."""
+        if self.requested:
+            raise Stopped
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -334,40 +354,42 @@ def progress(total: int):
     return tqdm(total=total, unit="ep", dynamic_ncols=True, mininterval=1.0, disable=None)
 
 
-def checkpoint(args: argparse.Namespace, setup: Setup, memory, counters: dict) -> tuple[dict[str, np.ndarray], dict]:
-    """The whole training state: the agent's, the filled replay memory (unless --no-save-memory), both envs'
-    random states, the loop's counters and the run's settings."""
+def checkpoint(args: argparse.Namespace, setup: Setup, counters: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The whole training state but the replay memory's contents: the agent's, both envs' random states, the
+    loop's counters and the run's settings."""
     arrays, scalars = setup.agent.training_state()
     scalars |= counters | {"format": 1, "args": vars(args), "memory": None,
                            "env_rng": setup.env.unwrapped.np_random.bit_generator.state,
                            "eval_env_rng": setup.eval_env.unwrapped.np_random.bit_generator.state}
-    if not args.no_save_memory:
-        memory_arrays, scalars["memory"] = memory.state()
-        arrays |= {f"memory.{name}": array for name, array in memory_arrays.items()}
     return arrays, scalars
 
 
-def restore(setup: Setup, memory, path: Path) -> dict:
-    """Load a checkpoint written from `checkpoint` into the agent, memory and envs; returns its scalars."""
+def restore(setup: Setup, memory, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+    """Load a checkpoint made by `checkpoint` into the agent, memory and envs."""
     from memory import FIELDS
-    from util import read_tensors
 
-    arrays, scalars = read_tensors(path)
     setup.agent.load_training_state(arrays, scalars)
     if scalars["memory"] is not None:
         memory.load_state({name: arrays[f"memory.{name}"] for name in FIELDS}, scalars["memory"])
     setup.env.unwrapped.np_random.bit_generator.state = scalars["env_rng"]
     setup.eval_env.unwrapped.np_random.bit_generator.state = scalars["eval_env_rng"]
-    return scalars
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, parent: Path | None = None) -> int:
-    """Train from scratch, or continue the run whose checkpoint is in `parent` (its log, metrics and best weights
-    so far are copied into `run_dir`, which then continues them). Returns the exit status: 1 where training
+@dataclass
+class Resume:
+    """The run to continue: its folder and its checkpoint's arrays and scalars."""
+    parent: Path
+    arrays: dict[str, np.ndarray]
+    scalars: dict
+
+
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, resume: Resume | None) -> int:
+    """Train from scratch, or continue the run of `resume` (its log, metrics and best weights so far are copied
+    into `run_dir`, which then continues them). Returns the exit status: 1 where training
     diverged or a file could not be written, with the last complete checkpoint kept."""
     from ddpg import CHECKPOINT
     from memory import ReplayMemory
-    from util import RunLog, plot_runs, read_metrics, save_tensors
+    from util import RunLog, plot_runs, read_metrics, read_tensors, save_tensors
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
@@ -376,26 +398,39 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
     if seed is not None:
         setup.eval_env.reset(seed=seed + 1)
     first, step, wall, best_eval, arguments = 0, 0, 0.0, -np.inf, vars(args)
-    if parent is not None:
-        saved = restore(setup, memory, parent / CHECKPOINT)
+    parent = None if resume is None else resume.parent
+    if resume is not None:
+        restore(setup, memory, resume.arrays, resume.scalars)
+        saved = resume.scalars
         first, step, wall, best_eval = saved["episode"], saved["env_steps"], saved["wall_seconds"], saved["best_eval"]
         arguments = {name: value for name, value in vars(args).items() if saved["args"].get(name) != value}
-        if (parent / "best").is_dir():
-            shutil.copytree(parent / "best", run_dir / "best")
+        best = parent / "best" / CHECKPOINT
+        if best.is_file() and read_tensors(best, [])[1]["episode"] <= first:  # not one the resumed run replays
+            shutil.copytree(best.parent, run_dir / "best")
     log = RunLog(run_dir, "train", arguments, None if parent is None else (parent, first))
     start = time.time() - wall
     saved_before = None
 
-    def save(before_episode: int) -> None:
-        nonlocal saved_before
+    def state_now(before_episode: int) -> tuple[dict[str, np.ndarray], dict]:
         counters = dict(episode=before_episode, env_steps=step, wall_seconds=time.time() - start, best_eval=best_eval)
-        save_tensors(run_dir / CHECKPOINT, *checkpoint(args, setup, memory, counters))
+        return checkpoint(args, setup, counters)
+
+    def save(before_episode: int, state: tuple[dict[str, np.ndarray], dict] | None = None) -> None:
+        """Write the checkpoint of the state now, or of `state` (with the memory as it is now)."""
+        nonlocal saved_before
+        arrays, scalars = state or state_now(before_episode)
+        if not args.no_save_memory:
+            memory_arrays, scalars["memory"] = memory.state()
+            arrays = arrays | {f"memory.{name}": array for name, array in memory_arrays.items()}
+        save_tensors(run_dir / CHECKPOINT, arrays, scalars)
         saved_before = before_episode
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, read_metrics(log.csv_path))], run_dir / "reward_curve.png", title)
 
     def failed(message: str) -> int:
         bar.close()
+        with contextlib.suppress(OSError):  # the log may be what could not be written
+            log.close()
         kept = f"{run_dir / CHECKPOINT} (before Ep:{saved_before})" if saved_before is not None else \
             f"{parent / CHECKPOINT} (before Ep:{first})" if parent is not None else "none was written"
         best = "; best/ untouched" if (run_dir / "best").is_dir() else ""
@@ -411,13 +446,24 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
                 bar.close()
                 print(f"stopped before Ep:{episode}; saving")
                 break
-            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 0 else None,
-                                    memory, args.warmup, step)
-            if not agent.parameters_finite():  # checked before anything is evaluated or saved
-                raise Diverged("a network parameter is not finite")
+            # a stop during the episode or its evaluation saves the state from before it (a few ms to take), so the
+            # process ends at once, whatever it was doing, and a resumed run replays the episode exactly
+            before, mark = state_now(episode), memory.mark(args.max_episode_length)
             done = episode + 1
-            eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
-                if args.eval_every > 0 and done % args.eval_every == 0 else None
+            try:
+                with stop.interruptible():
+                    ret, step = run_episode(setup, setup.env, True, args.max_episode_length,
+                                            seed if episode == 0 else None, memory, args.warmup, step)
+                    if not agent.parameters_finite():  # checked before anything is evaluated or saved
+                        raise Diverged("a network parameter is not finite")
+                    eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
+                        if args.eval_every > 0 and done % args.eval_every == 0 else None
+            except Stopped:
+                bar.close()
+                print(f"stopped during Ep:{episode}; saving the state from before it")
+                memory.rollback(mark)
+                save(episode, before)
+                break
             log.episode(episode, step, ret, time.time() - start, eval_ret)
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret
@@ -481,16 +527,16 @@ def plot(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Path | None]:
-    """For --load: the run folder to continue and its settings, or None where the folder holds weights only."""
+def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resume | None]:
+    """For --load: the run to continue and its settings, or None where the folder holds weights only."""
     from ddpg import CHECKPOINT
     from util import read_tensors
 
     folder = load_folder(args)
-    saved = None
+    arrays, saved = {}, None
     if (folder / CHECKPOINT).is_file():
         try:
-            saved = read_tensors(folder / CHECKPOINT, [])[1]
+            arrays, saved = read_tensors(folder / CHECKPOINT)
         except ValueError as e:
             raise UsageError(f"cannot load {folder / CHECKPOINT}: {e}") from None
     if saved is None or "args" not in saved:
@@ -500,7 +546,7 @@ def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Nam
     args = resume_args(args, given, saved["args"])
     if args.max_episode <= saved["episode"]:
         raise UsageError(f"{folder} is already trained to Ep:{saved['episode']}; give a larger --max-episode")
-    return args, folder
+    return args, Resume(folder, arrays, saved)
 
 
 def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> int:
@@ -512,7 +558,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
         if args.mode == "plot":
             plot(args)
             return 0
-        args, parent = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
+        args, resume = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
         setup = build(args)
         try:
             run_dir = new_run_dir(Path(args.output), args.env)
@@ -521,11 +567,11 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run folder: {run_dir}" + ("" if parent is None else f", continuing {parent}"))
+    print(f"run folder: {run_dir}" + ("" if resume is None else f", continuing {resume.parent}"))
     if stop is None:
         test(args, setup, run_dir)
         return 0
-    return train(args, setup, run_dir, stop, parent)
+    return train(args, setup, run_dir, stop, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,15 @@ class ReplayMemory:
         for name in FIELDS:
             getattr(self, name)[:size] = arrays[name]
         self.size, self.next = size, scalars["next"]
+
+    def mark(self, max_appends: int) -> tuple:
+        """What `rollback` needs to undo up to `max_appends` appends: the fill level, the write position and
+        the rows that those appends may overwrite."""
+        rows = (self.next + np.arange(min(max_appends, self.capacity))) % self.capacity
+        return self.size, self.next, rows, [getattr(self, name)[rows] for name in FIELDS]
+
+    def rollback(self, mark: tuple) -> None:
+        """Return to the state of `mark` (taken before at most its `max_appends` appends)."""
+        self.size, self.next, rows, saved = mark
+        for name, values in zip(FIELDS, saved):
+            getattr(self, name)[rows] = values

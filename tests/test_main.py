@@ -174,6 +174,8 @@ BAD_INPUTS = {
                                             corrupt(run, tmp, lambda p: p.write_bytes(b"\x07garbage" * 50))],
     "truncated checkpoint": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
                                               corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:300]))],
+    "truncated checkpoint on resume": lambda run, tmp: ["--load", "--load-model-dir",
+                                                        corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:-99]))],
     "resume with another setting": lambda run, tmp: ["--load", "--load-model-dir", run, "--gamma", 0.5],
     "resume with nothing to do": lambda run, tmp: ["--load", "--load-model-dir", run, "--max-episode", 4],
     "checkpoint of another env": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--mode", "test",

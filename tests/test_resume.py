@@ -32,8 +32,11 @@ while True:
 def test_a_checkpoint_is_whole_or_absent_whatever_moment_kill_9_lands(tmp_path):
     path, landed_mid_write = tmp_path / "checkpoint.safetensors", 0
     for _ in range(12):
+        path.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT)
-        time.sleep(random.uniform(0.2, 0.5))
+        while not path.exists():  # the first write is whole
+            time.sleep(0.01)
+        time.sleep(random.uniform(0.0, 0.3))
         proc.kill()
         proc.wait()
         landed_mid_write += (tmp_path / ".checkpoint.safetensors.tmp").exists()
@@ -195,3 +198,12 @@ def test_a_removed_run_folder_stops_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write to {run_dir}: No such file or directory"), err
     assert not run_dir.exists()
+
+
+def test_no_save_memory_leaves_the_memory_out_and_still_resumes(tmp_path):
+    assert main_in_process(*CARTPOLE, "--no-save-memory", "--max-episode", 2, "--output", tmp_path) == 0
+    parent = tmp_path / "CartPole-v1-run1"
+    arrays, state = read_tensors(parent / "checkpoint.safetensors")
+    assert state["memory"] is None and not [name for name in arrays if name.startswith("memory.")]
+    assert main_in_process("--load", "--load-model-dir", parent, "--max-episode", 3, "--output", tmp_path) == 0
+    assert len(returns(tmp_path / "CartPole-v1-run2")) == 3
