@@ -242,7 +242,7 @@ class DDPG:
             names = [f"{name}.{param}" for name, net in self.networks().items() for param in net.shapes]
             try:
                 self._load_networks(read_tensors(folder / CHECKPOINT, names)[0])
-            except (ValueError, KeyError) as e:
+            except ValueError as e:
                 raise ValueError(f"{folder / CHECKPOINT}: {e}") from None
             return
         for name in ("actor", "critic"):

@@ -559,7 +559,12 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
             plot(args)
             return 0
         args, resume = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
-        setup = build(args)
+        try:
+            with stop.interruptible() if stop else contextlib.nullcontext():
+                setup = build(args)
+        except Stopped:
+            print("stopped during set-up; nothing was trained, nothing written")
+            return 0
         try:
             run_dir = new_run_dir(Path(args.output), args.env)
         except OSError as e:
