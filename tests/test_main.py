@@ -231,9 +231,11 @@ def test_a_signal_at_a_random_moment_saves_everything_and_exits_0(sig, tmp_path)
 
 def test_a_second_signal_exits_at_once(tmp_path):
     proc = start_main("--env", "CartPole-v1", "--max-episode", 100000, "--output", tmp_path)
-    time.sleep(3.0)
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.2)
+    log, deadline = tmp_path / "CartPole-v1-run1" / "RS_train_log", time.time() + 120
+    while time.time() < deadline and not (log.exists() and "Ep:0 |" in log.read_text()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # the first is saving (the plot alone takes longer than the pause)
+    time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=2)
     assert proc.returncode == 128 + signal.SIGINT
