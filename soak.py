@@ -6,7 +6,8 @@ from whatever checkpoint each stop left ends exactly where the run never stopped
 Each stop is one of: SIGINT or SIGTERM to the whole process group at a random moment (the run must save and
 exit 0 within a few seconds), kill -9 at a random moment, or kill -9 while a checkpoint is being written.
 After each stop the newest run folder is resumed with --load (a stop before the first save starts afresh).
-At the end, the chain's returns and final checkpoint are compared with an uninterrupted run's.
+A chain that reaches the last episode is compared with an uninterrupted run (returns and final checkpoint),
+and so is the last chain, once resumed to the end without a stop.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from util import read_tensors
 
-FLAGS = ["--env", "CartPole-v1", "--warmup", "20", "--save_per_epochs", "2", "--eval-every", "3",
+FLAGS = ["--env", "CartPole-v1", "--warmup", "20", "--save_per_epochs", "1", "--eval-every", "3",
          "--eval-episodes", "1"]
 KINDS = ("SIGINT", "SIGTERM", "kill -9", "kill -9 during a save")
 
@@ -118,6 +119,14 @@ def main() -> None:
             stops += 1
             events.append(event)
             print(json.dumps(event), flush=True)
+        parent = newest_run(chain_out, with_checkpoint=True)
+        if parent is not None:  # resume the open chain to its end, unstopped, and compare it too
+            subprocess.run([sys.executable, "main.py", "--load", "--load-model-dir", str(parent), "--output",
+                            str(chain_out)], capture_output=True)
+            last = newest_run(chain_out, with_checkpoint=True)
+            chains.append({"returns_equal": returns(last) == returns(whole), "state_equal": same_state(last, whole),
+                           "folders": len(list(chain_out.iterdir()))})
+            print(json.dumps(chains[-1]), flush=True)
         summary = {"stops": len(events), "by_kind": {k: sum(e["kind"] == k for e in events) for k in KINDS},
                    "kills_during_save": sum(bool(e.get("during_save")) for e in events),
                    "signals_exit_0": sum(e.get("rc") == 0 for e in events if e["kind"].startswith("SIG")),
