@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit
+from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.dtype import _to_np_dtype
 
 from memory import ReplayMemory
 from model import Actor, Critic, FlatParams
-from util import load_tensors, save_tensors
+from util import load_tensors, read_tensors, save_tensors
 
 NETWORKS = ("actor", "critic", "actor_target", "critic_target")
+OPTIMISERS = ("actor_optim", "critic_optim")
+CHECKPOINT = "checkpoint.safetensors"  # one file, so that it is always whole: written aside, renamed into place
 
 
 # Values below this magnitude are set to zero wherever the update step stores state (parameters, Adam's moments,
@@ -97,6 +99,14 @@ class Adam:
         p.assign(flush(p.detach() - self.lr * m_hat / (v_hat.sqrt() + self.eps)))
         return [p, self.m, self.v, self.t]
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Both moments and the step count."""
+        return {"m": read(self.m), "v": read(self.v), "t": read(self.t)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for name in ("m", "v", "t"):
+            write(getattr(self, name), state[name])
+
 
 class OrnsteinUhlenbeck:
     """Ornstein-Uhlenbeck process (dt 0.01, x0 0) as in keras-rl, reset at the start of each episode."""
@@ -112,6 +122,19 @@ class OrnsteinUhlenbeck:
         self.x = self.x + self.theta * (self.mu - self.x) * self.dt + \
             self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(self.size)
         return self.x
+
+
+def tinygrad_rng_state() -> dict:
+    """tinygrad's random state: its seed and, per device, the seed tensor and the counter of numbers drawn."""
+    return {"seed": Tensor._seed, "devices": {device: [Tensor._device_seeds[device].tolist(), counter.tolist()]
+                                              for device, counter in Tensor._device_rng_counters.items()}}
+
+
+def set_tinygrad_rng_state(state: dict) -> None:
+    Tensor.manual_seed(state["seed"])
+    for device, (seed, counter) in state["devices"].items():
+        Tensor._device_seeds[device] = Tensor(seed, device=device, dtype=dtypes.uint32)
+        Tensor._device_rng_counters[device] = Tensor(counter, device=device, dtype=dtypes.uint32)
 
 
 class DDPG:
@@ -191,19 +214,62 @@ class DDPG:
             buffers.update({f"{net}_optim.m": optim.m, f"{net}_optim.v": optim.v, f"{net}_optim.t": optim.t})
         return buffers
 
-    def save(self, folder: Path) -> None:
-        """Write actor, critic and both targets as safetensors files in `folder` (each written atomically)."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def parameters_finite(self) -> bool:
+        """Whether every network parameter is a finite number."""
+        return all(np.isfinite(read(net.flat)).all() for net in self.networks().values())
+
+    def network_arrays(self) -> dict[str, np.ndarray]:
+        """Every network's parameters, named `<network>.<parameter>`."""
+        return {f"{name}.{param}": array for name, net in self.networks().items()
+                for param, array in net.state_dict().items()}
+
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything that the next update and action depend on: arrays by name, and JSON scalars.
+        A new field is one more entry here and in `load_training_state`."""
+        arrays = self.network_arrays()
+        for name in OPTIMISERS:
+            arrays |= {f"{name}.{key}": value for key, value in getattr(self, name).state().items()}
+        arrays["noise.x"] = np.asarray(self.noise.x, np.float64)
+        scalars = {"epsilon": self.epsilon, "rng": self.rng.bit_generator.state, "tinygrad_rng": tinygrad_rng_state()}
+        return arrays, scalars
+
+    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        """Restore what `training_state` returned, into the existing buffers (compiled graphs keep them)."""
+        self._load_networks(arrays)
+        for name in OPTIMISERS:
+            getattr(self, name).load_state({key: arrays[f"{name}.{key}"] for key in ("m", "v", "t")})
+        self.noise.x = arrays["noise.x"].copy()
+        self.epsilon = scalars["epsilon"]
+        self.rng.bit_generator.state = scalars["rng"]
+        set_tinygrad_rng_state(scalars["tinygrad_rng"])
+
+    def _load_networks(self, arrays: dict[str, np.ndarray]) -> None:
         for name, net in self.networks().items():
-            save_tensors(folder / f"{name}.safetensors", net.state_dict())
+            parts = [arrays[f"{name}.{param}"] for param in net.shapes]
+            for part, (param, shape) in zip(parts, net.shapes.items()):
+                if part.shape != shape:
+                    raise ValueError(f"{name}.{param} has shape {part.shape}, expected {shape}")
+            write(net.flat, np.concatenate([part.ravel() for part in parts]))
+
+    def save(self, folder: Path, metadata: dict | None = None) -> None:
+        """Write the four networks (no training state) as `folder`/checkpoint.safetensors, whole or not at all."""
+        folder.mkdir(exist_ok=True)  # not its parents: a removed run folder is an error, not made anew
+        save_tensors(folder / CHECKPOINT, self.network_arrays(), metadata)
 
     def load(self, folder: Path) -> None:
-        """Load weights written by `save` into the existing buffers, so compiled graphs see them.
-
-        A folder without target files (weights from elsewhere) starts the targets from the online nets.
+        """Load the networks of `folder`/checkpoint.safetensors, or of an older checkpoint's four files
+        (actor, critic, actor_target, critic_target .safetensors), into the existing buffers, so compiled graphs
+        see them. Older files without targets (weights from elsewhere) start the targets from the online nets.
         Raises ValueError naming the file when one is missing, unreadable or of the wrong shape.
         """
         folder = Path(folder)
+        if (folder / CHECKPOINT).exists():
+            names = [f"{name}.{param}" for name, net in self.networks().items() for param in net.shapes]
+            try:
+                self._load_networks(read_tensors(folder / CHECKPOINT, names)[0])
+            except ValueError as e:
+                raise ValueError(f"{folder / CHECKPOINT}: {e}") from None
+            return
         for name in ("actor", "critic"):
             self._load_one(folder / f"{name}.safetensors", getattr(self, name))
         for name, online in (("actor_target", self.actor), ("critic_target", self.critic)):

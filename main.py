@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,9 +37,15 @@ DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01}
 # tinygrad's HCQ2 runtime runs a compiled graph as one native call instead of one Python call per kernel
 # (CartPole: 4.0 instead of 4.9 ms per step). tinygrad reads it once, when first imported; HCQ2=0 turns it off.
 os.environ.setdefault("HCQ2", "1")
+# No pool of compile worker processes: `timeout` and a terminal's job control signal the whole process group, and a
+# worker killed by SIGTERM while waiting for work dies holding the pool's task-queue lock, so multiprocessing's exit
+# handler (Pool._terminate_pool -> _help_stuff_finish) waits for that lock forever. Compiling in-process is no
+# slower here (Pendulum, 2 episodes: 17-20 s with PARALLEL=0 against 24-29 s with PARALLEL=2 on 2 cores).
+os.environ.setdefault("PARALLEL", "0")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with the reference's flag names and defaults."""
     p = argparse.ArgumentParser(description="Wolpertinger-DDPG in tinygrad: large discrete action sets.")
     p.add_argument("--env", default="Pendulum-v0", help="gymnasium env id (Pendulum-v0 means Pendulum-v1)")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
@@ -87,11 +96,144 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "after a one-off search of minutes, cached for later runs; 0: off")
     p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU or CUDA (default: tinygrad's choice)")
     p.add_argument("--output", default="output", help="folder that holds the run folders")
-    return p.parse_args(argv)
+    p.add_argument("--no-save-memory", action="store_true",
+                   help="leave the replay memory out of checkpoints (for huge memories): a run resumed from one "
+                        "refills an empty memory and pauses updates until it holds --warmup transitions again")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def option(dest: str) -> str:
+    """The command-line spelling of an argument, e.g. --save_per_epochs or --c-lr."""
+    return next(a.option_strings[0] for a in build_parser()._actions if a.dest == dest)
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags that `argv` sets explicitly."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# Flags that a resumed run may set anew; every other one comes from the checkpoint, so the run continues exactly.
+RESUME_MAY_CHANGE = {"mode", "load", "load_model_dir", "output", "max_episode", "save_per_epochs", "test_episode",
+                     "id", "beam", "device", "no_save_memory"}
+
+
+def load_folder(args: argparse.Namespace) -> Path:
+    """The one --load-model-dir of test mode and --load, which must exist."""
+    if len(args.load_model_dir) != 1:
+        raise UsageError("--mode test and --load need exactly one --load-model-dir")
+    folder = Path(args.load_model_dir[0])
+    if not folder.is_dir():
+        raise UsageError(f"--load-model-dir {folder}: no such folder")
+    return folder
+
+
+def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> argparse.Namespace:
+    """The checkpoint's settings, with the flags of RESUME_MAY_CHANGE given on this command line; a flag given
+    with another value than the checkpoint's is an error."""
+    merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
+    for name in given:
+        if name in RESUME_MAY_CHANGE:
+            setattr(merged, name, getattr(args, name))
+        elif getattr(args, name) != saved.get(name):
+            raise UsageError(f"--load continues a run with its own settings: {option(name)} is {saved.get(name)!r} "
+                             f"there, not {getattr(args, name)!r} (start a new run to change it)")
+    return merged
 
 
 class UsageError(Exception):
     """Bad input: reported as one line and a non-zero exit."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: low <= x (low < x where low_open) and x <= high; None is unbounded."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        return above and (self.high is None or x <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is None:
+            return "a finite number"
+        if self.high is None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# Every numeric flag's valid values, checked by `validate` before anything else runs.
+RANGES = {
+    "max_actions": Range(1), "max_episode": Range(1), "max_episode_length": Range(1), "test_episode": Range(1),
+    "gamma": Range(0, 1), "hidden1": Range(1), "hidden2": Range(1), "c_lr": Range(0, low_open=True),
+    "p_lr": Range(0, low_open=True), "weight_decay": Range(0), "warmup": Range(0), "bsize": Range(1),
+    "rmsize": Range(1), "tau_update": Range(0, 1, low_open=True), "ou_theta": Range(0), "ou_sigma": Range(0),
+    "ou_mu": Range(), "init_w": Range(0, low_open=True), "epsilon": Range(1), "random_candidate": Range(0, 1),
+    "seed": Range(), "save_per_epochs": Range(1), "k_ratio": Range(0, 1), "k": Range(1),
+    "eval_every": Range(0), "eval_episodes": Range(1), "beam": Range(0),
+}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raise UsageError naming the first numeric flag outside its range (a flag left unset, None, is fine)."""
+    for name, valid in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not valid.holds(value):
+            raise UsageError(f"{option(name)} must be {valid} (got {value})")
+
+
+class Stopped(BaseException):
+    """A stop request inside `StopRequest.interruptible()` (a BaseException, so that no library swallows it)."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first stops training with everything saved; within `interruptible()` at once (the
+    caller then saves the state from before the episode in progress), elsewhere at the next check of `requested`.
+    A second signal exits at once, keeping the last complete checkpoint. Ignored SIGINT (nohup) is taken too."""
+
+    def __init__(self):
+        self.requested, self._interruptible = False, False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        # os.write, not print: the handler may run while the progress bar is in the middle of writing to stderr
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping and saving "
+                    "(again to quit at once, keeping the last checkpoint)\n".encode())
+        if self._interruptible:
+            self._interruptible = False
+            raise Stopped
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block that a stop request ends at once by raising Stopped."""
+        if self.requested:
+            raise Stopped
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Diverged(Exception):
+    """A loss, a parameter or the env's output is NaN or infinite: training stops before saving anything."""
 
 
 @dataclass
@@ -170,8 +312,6 @@ def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> 
     from action_space import GridActionSpace
     try:
         if isinstance(act, gym.spaces.Box):
-            if args.max_actions < 1:
-                raise UsageError(f"--max-actions must be at least 1 (got {args.max_actions})")
             return GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
         if isinstance(act, gym.spaces.Discrete):
             return GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
@@ -193,8 +333,6 @@ def build(args: argparse.Namespace) -> Setup:
         except Exception as e:
             raise UsageError(f"tinygrad device {args.device!r} is not available ({type(e).__name__})") from None
         Device.DEFAULT = args.device.upper()
-    if args.beam < 0:
-        raise UsageError(f"--beam must be 0 (off) or a positive search width (got {args.beam})")
     if args.beam:
         from tinygrad.helpers import BEAM
         BEAM.value = args.beam
@@ -207,9 +345,6 @@ def build(args: argparse.Namespace) -> Setup:
         args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
     space = make_action_space(env_id, env.action_space, args)
     k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
-    for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)
@@ -224,13 +359,8 @@ def build(args: argparse.Namespace) -> Setup:
     except ValueError as e:  # an impossible k or probability
         raise UsageError(str(e)) from None
     if args.mode == "test" or args.load:
-        if len(args.load_model_dir) != 1:
-            raise UsageError("--mode test and --load need exactly one --load-model-dir")
-        folder = Path(args.load_model_dir[0])
-        if not folder.is_dir():
-            raise UsageError(f"--load-model-dir {folder}: no such folder")
         try:
-            agent.load(folder)
+            agent.load(load_folder(args))
         except ValueError as e:
             raise UsageError(f"cannot load weights: {e}") from None
     return Setup(env_id, env, make_env(env_id, env_kwargs), space, agent, k)
@@ -249,13 +379,20 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
     for _ in range(max_steps):
         action = agent.random_action() if step < warmup else agent.select_action(obs, explore=explore)
         next_obs, reward, terminated, truncated, _ = env.step(space.to_env(action))
+        if not (np.isfinite(next_obs).all() and np.isfinite(reward)):
+            raise Diverged(f"the env returned a non-finite {'reward' if np.isfinite(next_obs).all() else 'observation'}")
         episode_return += float(reward)
         step += 1
         if memory is not None:
             # a cut at max_steps is a truncation too: only `terminated` ends the return
             memory.append(obs.ravel(), space.points(action), reward, np.ravel(next_obs), terminated)
-            if step > warmup:
-                agent.update(memory)
+            # from a fresh start the second test is the first; resumed without its memory, updates wait until
+            # the memory holds `warmup` transitions again
+            if step > warmup and len(memory) > min(warmup, memory.capacity - 1):
+                losses = agent.update(memory)
+                if not np.isfinite(losses).all():
+                    bad = int(np.isfinite(losses[0]))  # 0: the critic's, 1: the actor's
+                    raise Diverged(f"the {('critic', 'actor')[bad]} loss is {losses[bad]}")
         obs = next_obs
         if terminated or truncated:
             break
@@ -272,52 +409,137 @@ def progress(total: int):
     return tqdm(total=total, unit="ep", dynamic_ncols=True, mininterval=1.0, disable=None)
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
+def checkpoint(args: argparse.Namespace, setup: Setup, counters: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The whole training state but the replay memory's contents: the agent's, both envs' random states, the
+    loop's counters and the run's settings."""
+    arrays, scalars = setup.agent.training_state()
+    scalars |= counters | {"format": 1, "args": vars(args), "memory": None,
+                           "env_rng": setup.env.unwrapped.np_random.bit_generator.state,
+                           "eval_env_rng": setup.eval_env.unwrapped.np_random.bit_generator.state}
+    return arrays, scalars
+
+
+def restore(setup: Setup, memory, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+    """Load a checkpoint made by `checkpoint` into the agent, memory and envs."""
+    from memory import FIELDS
+
+    setup.agent.load_training_state(arrays, scalars)
+    if scalars["memory"] is not None:
+        memory.load_state({name: arrays[f"memory.{name}"] for name in FIELDS}, scalars["memory"])
+    setup.env.unwrapped.np_random.bit_generator.state = scalars["env_rng"]
+    setup.eval_env.unwrapped.np_random.bit_generator.state = scalars["eval_env_rng"]
+
+
+@dataclass
+class Resume:
+    """The run to continue: its folder and its checkpoint's arrays and scalars."""
+    parent: Path
+    arrays: dict[str, np.ndarray]
+    scalars: dict
+
+
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopRequest, resume: Resume | None) -> int:
+    """Train from scratch, or continue the run of `resume` (its log, metrics and best weights so far are copied
+    into `run_dir`, which then continues them). Returns the exit status: 1 where training
+    diverged or a file could not be written, with the last complete checkpoint kept."""
+    from ddpg import CHECKPOINT
     from memory import ReplayMemory
-    from util import RunLog, plot_runs
+    from util import RunLog, plot_runs, read_tensors, save_tensors
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
-    log = RunLog(run_dir, "train", vars(args))
     title = f"{setup.env_id}: {setup.space.n} actions, k = {setup.k}"
     seed = args.seed if args.seed > 0 else None
     if seed is not None:
         setup.eval_env.reset(seed=seed + 1)
+    first, step, wall, best_eval, arguments = 0, 0, 0.0, -np.inf, vars(args)
+    parent = None if resume is None else resume.parent
+    if resume is not None:
+        restore(setup, memory, resume.arrays, resume.scalars)
+        saved = resume.scalars
+        first, step, wall, best_eval = saved["episode"], saved["env_steps"], saved["wall_seconds"], saved["best_eval"]
+        arguments = {name: value for name, value in vars(args).items() if saved["args"].get(name) != value}
+        best = parent / "best" / CHECKPOINT
+        if best.is_file() and read_tensors(best, [])[1]["episode"] <= first:  # not one the resumed run replays
+            shutil.copytree(best.parent, run_dir / "best")
+    log = RunLog(run_dir, "train", arguments, None if parent is None else (parent, first))
+    start = time.time() - wall
+    saved_before = None
 
-    def save(before_episode: int) -> None:
-        agent.save(run_dir)
+    def state_now(before_episode: int) -> tuple[dict[str, np.ndarray], dict]:
+        counters = dict(episode=before_episode, env_steps=step, wall_seconds=time.time() - start, best_eval=best_eval)
+        return checkpoint(args, setup, counters)
+
+    def save(before_episode: int, state: tuple[dict[str, np.ndarray], dict] | None = None) -> None:
+        """Write the checkpoint of the state now, or of `state` (with the memory as it is now)."""
+        nonlocal saved_before
+        arrays, scalars = state or state_now(before_episode)
+        if not args.no_save_memory:
+            memory_arrays, scalars["memory"] = memory.state()
+            arrays = arrays | {f"memory.{name}": array for name, array in memory_arrays.items()}
+        save_tensors(run_dir / CHECKPOINT, arrays, scalars)
+        saved_before = before_episode
         log.line(f"### Model Saved before Ep:{before_episode} ###")
         plot_runs([(run_dir.name, log.metrics())], run_dir / "reward_curve.png", title)
 
-    # Ctrl-C, and a plain `kill`, end training with everything saved (also where SIGINT was ignored, e.g. under nohup)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
-    start, step, episode, interrupted, best_eval = time.time(), 0, 0, False, -np.inf
+    def failed(message: str) -> int:
+        bar.close()
+        with contextlib.suppress(OSError):  # the log may be what could not be written
+            log.close()
+        kept = f"{run_dir / CHECKPOINT} (before Ep:{saved_before})" if saved_before is not None else \
+            f"{parent / CHECKPOINT} (before Ep:{first})" if parent is not None else "none was written"
+        best = "; best/ untouched" if (run_dir / "best").is_dir() else ""
+        print(f"error: {message}; last complete checkpoint: {kept}{best}", file=sys.stderr)
+        return 1
+
     bar = progress(args.max_episode)
+    bar.update(first)
+    episode = first
     try:
-        for episode in range(1, args.max_episode + 1):
-            ret, step = run_episode(setup, setup.env, True, args.max_episode_length, seed if episode == 1 else None,
-                                    memory, args.warmup, step)
-            eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
-                if args.eval_every > 0 and episode % args.eval_every == 0 else None
+        for episode in range(first, args.max_episode):  # numbered from 0, as the reference's log does
+            if stop.requested:
+                bar.close()
+                print(f"stopped before Ep:{episode}; saving")
+                break
+            # a stop during the episode or its evaluation saves the state from before it (a few ms to take), so the
+            # process ends at once, whatever it was doing, and a resumed run replays the episode exactly
+            before, mark = state_now(episode), memory.mark(args.max_episode_length)
+            done = episode + 1
+            try:
+                with stop.interruptible():
+                    ret, step = run_episode(setup, setup.env, True, args.max_episode_length,
+                                            seed if episode == 0 else None, memory, args.warmup, step)
+                    if not agent.parameters_finite():  # checked before anything is evaluated or saved
+                        raise Diverged("a network parameter is not finite")
+                    eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
+                        if args.eval_every > 0 and done % args.eval_every == 0 else None
+            except Stopped:
+                bar.close()
+                print(f"stopped during Ep:{episode}; saving the state from before it")
+                memory.rollback(mark)
+                save(episode, before)
+                break
             log.episode(episode, step, ret, time.time() - start, eval_ret)
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret
-                agent.save(run_dir / "best")
+                agent.save(run_dir / "best", {"episode": done, "eval_return": eval_ret})
             bar.update(1)
             bar.set_postfix(steps=step, ret=f"{ret:.1f}", sps=f"{step / (time.time() - start):.0f}", refresh=False)
-            if episode % args.save_per_epochs == 0:
-                save(episode + 1)
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted during episode {episode}; saving")
-        episode, interrupted = episode - 1, True  # the interrupted episode was not logged
+            if done % args.save_per_epochs == 0:
+                save(done)
+        else:
+            episode = args.max_episode
+        if saved_before != episode:  # else the last episode's save holds everything
+            save(episode)
+        log.close()
+    except Diverged as e:
+        return failed(f"training diverged in Ep:{episode}: {e}")
+    except OSError as e:  # a full disk, a removed run folder
+        return failed(f"cannot write to {run_dir}: {e.strerror or e}")
     bar.close()
-    if interrupted or episode % args.save_per_epochs != 0:  # else the last episode's save holds everything
-        save(episode + 1)
-    log.close()
-    print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
-          f"log, metrics, weights and plot in {run_dir}")
+    print(f"trained to Ep:{episode} ({step} env steps, {time.time() - start:.0f} s); "
+          f"log, metrics, checkpoint and plot in {run_dir}")
+    return 0
 
 
 def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
@@ -327,8 +549,8 @@ def test(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     returns, start = [], time.time()
     seed = args.seed if args.seed > 0 else None
     bar = progress(args.test_episode)
-    for episode in range(1, args.test_episode + 1):
-        ret, _ = run_episode(setup, setup.env, False, args.max_episode_length, seed if episode == 1 else None)
+    for episode in range(args.test_episode):
+        ret, _ = run_episode(setup, setup.env, False, args.max_episode_length, seed if episode == 0 else None)
         returns.append(ret)
         log.episode(episode, 0, ret, time.time() - start)
         bar.update(1)
@@ -360,15 +582,44 @@ def plot(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resume | None]:
+    """For --load: the run to continue and its settings, or None where the folder holds weights only."""
+    from ddpg import CHECKPOINT
+    from util import read_tensors
+
+    folder = load_folder(args)
+    arrays, saved = {}, None
+    if (folder / CHECKPOINT).is_file():
+        try:
+            arrays, saved = read_tensors(folder / CHECKPOINT)
+        except ValueError as e:
+            raise UsageError(f"cannot load {folder / CHECKPOINT}: {e}") from None
+    if saved is None or "args" not in saved:
+        print(f"notice: {folder} holds weights only (an older checkpoint, or best/): Adam's moments, exploration, "
+              "random states, counters and replay memory start afresh")
+        return args, None
+    args = resume_args(args, given, saved["args"])
+    if args.max_episode <= saved["episode"]:
+        raise UsageError(f"{folder} is already trained to Ep:{saved['episode']}; give a larger --max-episode")
+    return args, Resume(folder, arrays, saved)
+
+
+def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> int:
+    """Validate, build and run the chosen mode; returns the exit status."""
     from util import new_run_dir
 
-    args = parse_args(argv)
     try:
+        validate(args)
         if args.mode == "plot":
             plot(args)
             return 0
-        setup = build(args)
+        args, resume = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
+        try:
+            with stop.interruptible() if stop else contextlib.nullcontext():
+                setup = build(args)
+        except Stopped:
+            print("stopped during set-up; nothing was trained, nothing written")
+            return 0
         try:
             run_dir = new_run_dir(Path(args.output), args.env)
         except OSError as e:
@@ -376,9 +627,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run folder: {run_dir}")
-    (train if args.mode == "train" else test)(args, setup, run_dir)
-    return 0
+    print(f"run folder: {run_dir}" + ("" if resume is None else f", continuing {resume.parent}"))
+    if stop is None:
+        test(args, setup, run_dir)
+        return 0
+    return train(args, setup, run_dir, stop, resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = StopRequest() if args.mode == "train" else None  # from the start: a signal during set-up stops too
+    try:
+        return run(args, given_flags(argv), stop)
+    finally:
+        if stop is not None:
+            stop.restore()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 
+FIELDS = ("states", "actions", "rewards", "next_states", "terminated")
+
+
 class ReplayMemory:
     """Fixed-capacity ring buffer; once full, each new transition overwrites the oldest.
 
@@ -36,3 +39,28 @@ class ReplayMemory:
         """A uniform minibatch (with replacement): states, actions, rewards, next_states, terminated."""
         idx = rng.integers(0, self.size, batch_size)
         return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.terminated[idx]
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The filled part of each array, and the fill level and write position."""
+        return {name: getattr(self, name)[:self.size] for name in FIELDS}, {"size": self.size, "next": self.next}
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        """Restore what `state` returned into a memory of the same capacity."""
+        size = scalars["size"]
+        if size > self.capacity:
+            raise ValueError(f"the saved replay memory holds {size} transitions, more than the capacity {self.capacity}")
+        for name in FIELDS:
+            getattr(self, name)[:size] = arrays[name]
+        self.size, self.next = size, scalars["next"]
+
+    def mark(self, max_appends: int) -> tuple:
+        """What `rollback` needs to undo up to `max_appends` appends: the fill level, the write position and
+        the rows that those appends may overwrite."""
+        rows = (self.next + np.arange(min(max_appends, self.capacity))) % self.capacity
+        return self.size, self.next, rows, [getattr(self, name)[rows] for name in FIELDS]
+
+    def rollback(self, mark: tuple) -> None:
+        """Return to the state of `mark` (taken before at most its `max_appends` appends)."""
+        self.size, self.next, rows, saved = mark
+        for name, values in zip(FIELDS, saved):
+            getattr(self, name)[rows] = values

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import struct
@@ -37,7 +38,8 @@ def new_run_dir(output_root: Path, env_id: str) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), then rename the temporary file onto `path`."""
+    """Call write(tmp_path), then rename the temporary file onto `path`: `path` holds the old or the new
+    contents, whole, whenever the process dies."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -46,13 +48,21 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_tensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays as a float32 safetensors file, atomically. Plain numpy: tinygrad's safe_save runs a CPU
-    kernel, which fails on a GPU machine without a C compiler for the CPU."""
+SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64", "uint32": "U32"}
+NUMPY_DTYPES = {code: np.dtype(name).newbyteorder("<") for name, code in SAFETENSORS_DTYPES.items()}
+
+
+def save_tensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write arrays (float32, float64, int64 or uint32) as one safetensors file, atomically and flushed to disk;
+    `metadata` (JSON) goes into the header. Plain numpy: tinygrad's safe_save runs a CPU kernel, which fails on a
+    GPU machine without a C compiler for the CPU."""
     header, start = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = {"json": json.dumps(metadata)}
     for name, array in arrays.items():
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [start, start + 4 * array.size]}
-        start += 4 * array.size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [start, start + array.nbytes]}
+        start += array.nbytes
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
 
@@ -60,8 +70,37 @@ def save_tensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
             for array in arrays.values():
-                f.write(np.ascontiguousarray(array, "<f4").tobytes())
+                f.write(np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # a crash of the machine, not only of the process, keeps the file whole
     write_atomically(path, write)
+
+
+def read_tensors(path: Path, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Arrays (all, or those named) and the JSON metadata of a safetensors file, read with numpy.
+    Raises ValueError when the file is missing, truncated or not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+            if not isinstance(header, dict):
+                raise ValueError("truncated header")
+            meta = header.pop("__metadata__", None)
+            arrays = {}
+            for name in header if names is None else names:
+                entry = header[name]
+                lo, hi = entry["data_offsets"]
+                if 8 + n + hi > size:
+                    raise ValueError("truncated data")
+                f.seek(8 + n + lo)
+                arrays[name] = np.fromfile(f, NUMPY_DTYPES[entry["dtype"]], (hi - lo) // NUMPY_DTYPES[
+                    entry["dtype"]].itemsize).reshape(entry["shape"])
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:  # a damaged file fails in many ways
+        raise ValueError(f"not a readable checkpoint file ({type(e).__name__})") from None
+    return arrays, None if meta is None else json.loads(meta["json"])
 
 
 def load_tensors(path: Path) -> dict:
@@ -76,29 +115,53 @@ def load_tensors(path: Path) -> dict:
         raise ValueError(f"not a readable safetensors file ({type(e).__name__})") from None
 
 
-class RunLog:
-    """RS_train_log / RS_test_log in the reference's format, plus the metrics CSV beside it."""
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) raise, as any other file's do, instead of being printed."""
 
-    def __init__(self, run_dir: Path, mode: str, arguments: dict):
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise
+
+
+class RunLog:
+    """RS_train_log / RS_test_log exactly as the reference wrote them (Python logging, `%(asctime)s : %(message)s`,
+    episodes numbered from 0, returns with 4 decimals), plus the metrics CSV beside it, whose `episode` column
+    counts episodes (1 for the episode logged as Ep:0)."""
+
+    def __init__(self, run_dir: Path, mode: str, arguments: dict, parent: tuple[Path, int] | None = None):
+        """A new log and CSV of `arguments`; with `parent` = (run folder, episode), they continue that run's log
+        and metrics up to its checkpoint before that episode instead, copied, and log `arguments` after a
+        `### Resumed from ... ###` line."""
         self.log_path, self.csv_path = run_dir / f"RS_{mode}_log", run_dir / "metrics.csv"
-        self._log = open(self.log_path, "w", buffering=1)
+        if parent is not None:
+            _copy_history(parent[0], run_dir, f"RS_{mode}_log", parent[1])
+        self._logger = logging.getLogger(f"runlog.{run_dir.resolve()}.{mode}")
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False  # the file only; the console shows a progress bar
+        self._handler = _FileHandler(self.log_path, mode="a")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s : %(message)s"))
+        self._logger.addHandler(self._handler)
+        if parent is not None:
+            self.line(f"### Resumed from {parent[0]} before Ep:{parent[1]} ###")
         for name, value in arguments.items():
-            self._log.write(f"{name}: {value}\n")
-        self._csv_file = open(self.csv_path, "w", newline="", buffering=1)
+            self.line(f"{name}: {value}")
+        self._csv_file = open(self.csv_path, "a", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(METRICS_FIELDS)
-        self._rows: list[tuple[float, ...]] = []  # the CSV's rows as numbers, so plotting never rereads the file
+        if parent is None:
+            self._csv.writerow(METRICS_FIELDS)
+        # the CSV's rows as numbers, so that plotting never rereads the file
+        self._rows: list[tuple[float, ...]] = list(zip(*read_metrics(self.csv_path).values())) if parent else []
 
     def line(self, text: str) -> None:
-        self._log.write(text + "\n")
+        self._logger.info(text)
 
     def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None = None):
-        self.line(f"Ep:{episode} | R:{ret:.2f}")
+        """Log episode `episode` (numbered from 0) and its evaluation, if any."""
+        self.line(f"Ep:{episode} | R:{ret:.4f}")
         if eval_return is not None:
-            self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.2f}")
-        self._csv.writerow([episode, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
+            self.line(f"Eval after Ep:{episode} | mean R:{eval_return:.4f}")
+        self._csv.writerow([episode + 1, env_steps, f"{ret:.4f}", f"{wall_seconds:.2f}",
                             "" if eval_return is None else f"{eval_return:.4f}"])
-        self._rows.append((episode, env_steps, ret, wall_seconds, np.nan if eval_return is None else eval_return))
+        self._rows.append((episode + 1, env_steps, ret, wall_seconds, np.nan if eval_return is None else eval_return))
 
     def metrics(self) -> dict[str, np.ndarray]:
         """The metrics written so far, as `read_metrics` would return them."""
@@ -106,8 +169,27 @@ class RunLog:
         return dict(zip(METRICS_FIELDS, columns))
 
     def close(self) -> None:
-        self._log.close()
+        self._logger.removeHandler(self._handler)
+        self._handler.close()
         self._csv_file.close()
+
+
+EPISODE_LINE = re.compile(r".* : (?:Eval after )?Ep:(\d+) \|.*|.* : ### Model Saved before Ep:(\d+) ###")
+
+
+def _copy_history(parent: Path, run_dir: Path, log_name: str, episode: int) -> None:
+    """Copy a run's log and metrics up to its save before `episode` (dropping what came after that save)."""
+    kept = []
+    for line in (parent / log_name).read_text().splitlines(keepends=True):
+        m = EPISODE_LINE.fullmatch(line.rstrip("\n"))
+        if m and (int(m.group(1)) >= episode if m.group(1) else int(m.group(2)) > episode):
+            break
+        kept.append(line)
+    (run_dir / log_name).write_text("".join(kept))
+    with open(parent / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.reader(f)]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [row for row in rows[1:] if int(row[0]) <= episode])
 
 
 def read_metrics(csv_path: Path) -> dict[str, np.ndarray]:
@@ -152,7 +234,7 @@ def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, tit
     for i, (label, m) in enumerate(runs):
         color = f"C{i}"
         prefix = f"{label}: " if len(runs) > 1 else ""
-        stride = -(-len(m["episode"]) // max_points)
+        stride = max(1, -(-len(m["episode"]) // max_points))
         episodes = m["episode"][::stride]
         if len(runs) == 1 and stride == 1:
             ax.plot(episodes, m["return"], color=color, alpha=0.3, lw=0.8, label="episode return")

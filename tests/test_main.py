@@ -1,5 +1,8 @@
 """End to end: main.py as a user runs it, in subprocesses, with real gymnasium, FLANN and tinygrad."""
 import csv
+import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -7,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from util import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CARTPOLE = ["--env", "CartPole-v1", "--max-episode", "4", "--warmup", "20", "--save_per_epochs", "2",
@@ -24,14 +30,25 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} : (.*)")
+
+
+def log_messages(path: Path) -> list[str]:
+    """The messages of a log in the reference's format, `<asctime> : <message>`; fails on any other line."""
+    lines = path.read_text().splitlines()
+    matches = [LOG_LINE.fullmatch(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m]
+    return [m.group(1) for m in matches]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 def assert_run_files(run_dir: Path) -> None:
-    for name in NETWORKS:
-        assert (run_dir / f"{name}.safetensors").stat().st_size > 1000
+    arrays, state = read_tensors(run_dir / "checkpoint.safetensors")
+    assert {f"{name}.fc1.weight" for name in NETWORKS} <= set(arrays) and state["episode"] == len(metrics(run_dir))
     assert (run_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run_dir.glob(".*.tmp"))
 
@@ -46,13 +63,14 @@ def cartpole(tmp_path_factory):
 
 def test_cartpole_trains_and_writes_its_run_folder(cartpole):
     _, run_dir = cartpole
-    lines = (run_dir / "RS_train_log").read_text().splitlines()
+    lines = log_messages(run_dir / "RS_train_log")
     assert lines[0] == "env: CartPole-v1" and "seed: 3" in lines and "k_ratio: 0.1" in lines
     episodes = [line for line in lines if line.startswith("Ep:")]
-    assert [e.split(" | ")[0] for e in episodes] == ["Ep:1", "Ep:2", "Ep:3", "Ep:4"]
-    assert all(float(e.split("R:")[1]) > 0 for e in episodes)
-    assert "### Model Saved before Ep:3 ###" in lines and lines[-1] == "### Model Saved before Ep:5 ###"
-    assert [line.split(" | ")[0] for line in lines if line.startswith("Eval")] == ["Eval after Ep:2", "Eval after Ep:4"]
+    assert [e.split(" | ")[0] for e in episodes] == ["Ep:0", "Ep:1", "Ep:2", "Ep:3"]  # numbered from 0
+    assert all(re.fullmatch(r"Ep:\d \| R:\d+\.0000", e) for e in episodes)  # CartPole's returns, 4 decimals
+    assert lines.index("### Model Saved before Ep:2 ###") == lines.index(episodes[1]) + 2  # after Ep:1 and its eval
+    assert lines[-1] == "### Model Saved before Ep:4 ###"
+    assert [line.split(" | ")[0] for line in lines if line.startswith("Eval")] == ["Eval after Ep:1", "Eval after Ep:3"]
     rows = metrics(run_dir)
     assert list(rows[0]) == ["episode", "env_steps", "return", "wall_seconds", "eval_return"]
     assert [r["episode"] for r in rows] == ["1", "2", "3", "4"]
@@ -101,9 +119,11 @@ def test_best_evaluation_keeps_its_weights(cartpole):
     _, run_dir = cartpole
     first, last = [float(r["eval_return"]) for r in metrics(run_dir) if r["eval_return"]]
     best = run_dir / "best"
-    assert sorted(p.name for p in best.iterdir()) == sorted(f"{name}.safetensors" for name in NETWORKS)
+    assert [p.name for p in best.iterdir()] == ["checkpoint.safetensors"]
+    best_actor = read_tensors(best / "checkpoint.safetensors", ["actor.fc1.weight"])[0]["actor.fc1.weight"]
+    final_actor = read_tensors(run_dir / "checkpoint.safetensors", ["actor.fc1.weight"])[0]["actor.fc1.weight"]
     # no update runs between the last evaluation and the final save: the same weights if and only if it was best
-    assert ((best / "actor.safetensors").read_bytes() == (run_dir / "actor.safetensors").read_bytes()) == (last > first)
+    assert np.array_equal(best_actor, final_actor) == (last > first)
 
 
 def test_test_mode_reloads_the_weights(cartpole):
@@ -114,22 +134,30 @@ def test_test_mode_reloads_the_weights(cartpole):
     assert result.returncode == 0, result.stderr
     assert "return mean" in result.stdout and "std" in result.stdout
     test_dir = output / "CartPole-v1-run2"
-    log = (test_dir / "RS_test_log").read_text().splitlines()
-    assert len([line for line in log if line.startswith("Ep:")]) == 2
+    log = log_messages(test_dir / "RS_test_log")
+    assert [line.split(" | ")[0] for line in log if line.startswith("Ep:")] == ["Ep:0", "Ep:1"]
     assert snapshot(run_dir) == before
 
 
 def test_continue_training_with_load(cartpole, tmp_path):
     _, run_dir = cartpole
-    result = run_main(*SHORT_CARTPOLE, "--max-episode", 1, "--load", "--load-model-dir", run_dir, "--output", tmp_path)
+    before = snapshot(run_dir)
+    result = run_main("--load", "--load-model-dir", run_dir, "--max-episode", 6, "--output", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert_run_files(tmp_path / "CartPole-v1-run1")
+    resumed = tmp_path / "CartPole-v1-run1"
+    log = log_messages(resumed / "RS_train_log")
+    assert log[:len(log_messages(run_dir / "RS_train_log"))] == log_messages(run_dir / "RS_train_log")
+    assert f"### Resumed from {run_dir} before Ep:4 ###" in log and "max_episode: 6" in log
+    assert [line.split(" | ")[0] for line in log if line.startswith("Ep:")] == [f"Ep:{i}" for i in range(6)]
+    assert [r["episode"] for r in metrics(resumed)] == ["1", "2", "3", "4", "5", "6"]
+    assert_run_files(resumed)
+    assert snapshot(run_dir) == before
 
 
 def corrupt(run_dir: Path, tmp_path: Path, damage) -> Path:
     copy = tmp_path / "damaged"
     shutil.copytree(run_dir, copy)
-    damage(copy / "actor.safetensors")
+    damage(copy / "checkpoint.safetensors")
     return copy
 
 
@@ -146,6 +174,10 @@ BAD_INPUTS = {
                                             corrupt(run, tmp, lambda p: p.write_bytes(b"\x07garbage" * 50))],
     "truncated checkpoint": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",
                                               corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:300]))],
+    "truncated checkpoint on resume": lambda run, tmp: ["--load", "--load-model-dir",
+                                                        corrupt(run, tmp, lambda p: p.write_bytes(p.read_bytes()[:-99]))],
+    "resume with another setting": lambda run, tmp: ["--load", "--load-model-dir", run, "--gamma", 0.5],
+    "resume with nothing to do": lambda run, tmp: ["--load", "--load-model-dir", run, "--max-episode", 4],
     "checkpoint of another env": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--mode", "test",
                                                    "--load-model-dir", run],
 }
@@ -171,24 +203,42 @@ def test_unwritable_output_folder(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def start_main(*args) -> subprocess.Popen:
+    """main.py in its own process group, so that a signal can go to the whole group as `timeout` sends it."""
+    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_everything_and_exits_0(sig, tmp_path):
-    proc = subprocess.Popen([sys.executable, "main.py", "--env", "CartPole-v1", "--max-episode", "100000",
-                             "--warmup", "20", "--eval-every", "0", "--output", str(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    csv_path, deadline = tmp_path / "CartPole-v1-run1" / "metrics.csv", time.time() + 120
-    while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) > 3):
-        time.sleep(0.2)
-    proc.send_signal(sig)
+def test_a_signal_at_a_random_moment_saves_everything_and_exits_0(sig, tmp_path):
+    delay = random.uniform(0.5, 8.0)  # from the imports, through the first compiles, into training
+    proc = start_main("--env", "CartPole-v1", "--max-episode", 100000, "--warmup", 20, "--eval-every", 3,
+                      "--eval-episodes", 1, "--output", tmp_path)
+    time.sleep(delay)
+    os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "saving" in stdout
+    assert proc.returncode == 0 and "Traceback" not in stderr, (delay, stderr)
     run_dir = tmp_path / "CartPole-v1-run1"
-    log = (run_dir / "RS_train_log").read_text().splitlines()
+    if "stopped during set-up" in stdout:
+        assert not run_dir.exists()
+        return
+    assert "saving" in stdout
+    log = log_messages(run_dir / "RS_train_log")
     logged = len([line for line in log if line.startswith("Ep:")])
-    assert logged >= 3 and log[-1] == f"### Model Saved before Ep:{logged + 1} ###"
-    assert len(metrics(run_dir)) == logged
+    assert log[-1] == f"### Model Saved before Ep:{logged} ###" and len(metrics(run_dir)) == logged
     assert_run_files(run_dir)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    proc = start_main("--env", "CartPole-v1", "--max-episode", 100000, "--output", tmp_path)
+    log, deadline = tmp_path / "CartPole-v1-run1" / "RS_train_log", time.time() + 120
+    while time.time() < deadline and not (log.exists() and "Ep:0 |" in log.read_text()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # the first is saving (the plot alone takes longer than the pause)
+    time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=2)
+    assert proc.returncode == 128 + signal.SIGINT
 
 
 def test_plot_mode_compares_runs(cartpole, tmp_path):
@@ -197,3 +247,27 @@ def test_plot_mode_compares_runs(cartpole, tmp_path):
     result = run_main("--mode", "plot", "--load-model-dir", run_dir, other, "--output", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def invalid_values(valid, is_float: bool) -> list:
+    """Values just outside a range (and non-finite ones for a float flag)."""
+    values = [] if valid.low is None else [valid.low if valid.low_open else valid.low - (0.5 if is_float else 1)]
+    if valid.high is not None:
+        values.append(valid.high + (0.5 if is_float else 1))
+    return values + (["nan", "inf", "-inf"] if is_float else [])
+
+
+def test_every_numeric_flag_is_checked_before_a_run_folder_is_made(tmp_path, capsys):
+    import main
+    numeric = {a.dest: a for a in main.build_parser()._actions if a.type in (int, float)}
+    assert set(main.RANGES) == set(numeric)  # a new numeric flag needs its range
+    tried = 0
+    for dest, action in numeric.items():
+        for value in invalid_values(main.RANGES[dest], action.type is float):
+            code = main.main([f"{action.option_strings[0]}={value}", "--output", str(tmp_path / "out")])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {action.option_strings[0]} must be"), \
+                (dest, value, err)
+            tried += 1
+    assert tried >= 2 * len(numeric) and not (tmp_path / "out").exists()
+    assert main.validate(main.parse_args([])) is None  # every default is valid

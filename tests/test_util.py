@@ -29,3 +29,10 @@ def test_a_long_run_is_drawn_with_a_bounded_number_of_points(tmp_path, monkeypat
     plot_runs([("run", metrics)], tmp_path / "curve.png", "long run", max_points=1000)
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert drawn and max(drawn) <= 1000
+
+
+def test_a_run_without_episodes_still_plots(tmp_path):
+    log = RunLog(tmp_path, "train", {})
+    plot_runs([("run", log.metrics())], tmp_path / "curve.png", "stopped before its first episode")
+    log.close()
+    assert (tmp_path / "curve.png").is_file()
