@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 KNN_METHODS = ("auto", "lattice", "flann")
+FLANN_MAX_ACTIONS = 10 ** 7  # FLANN indexes every action
 
 
 class ActionSpace:
@@ -61,6 +62,9 @@ class GridActionSpace(ActionSpace):
         if knn not in KNN_METHODS:
             raise ValueError(f"unknown k-NN method {knn!r}; choose one of {', '.join(KNN_METHODS)}")
         self.counts, self.dim, self.n = counts, len(counts), math.prod(counts)  # n: a Python int, unbounded
+        if knn == "flann" and self.n > FLANN_MAX_ACTIONS:
+            raise ValueError(f"FLANN indexes every action, at most {FLANN_MAX_ACTIONS:,} (this space has {self.n:,}); "
+                             "the default k-NN needs no index")
         self.low, self.high, self.start = low, high, start
         self.steps = np.array([2.0 / (c - 1) if c > 1 else 0.0 for c in counts])
         self.step = float(self.steps[0])  # the 1-d grid's spacing, for the agent's in-graph window
@@ -180,6 +184,6 @@ def _merge_pairs(n_sums: int, n_axis: int, k: int) -> tuple[np.ndarray, np.ndarr
     t = k // (b + 1).
     """
     sizes = [min(n_sums, k // (b + 1)) for b in range(n_axis)]
-    prev = np.concatenate([np.arange(s) for s in sizes])
-    rank = np.repeat(np.arange(n_axis), sizes)
+    prev = np.concatenate([np.arange(s, dtype=np.int32) for s in sizes])
+    rank = np.repeat(np.arange(n_axis, dtype=np.int32), sizes)
     return prev, rank

@@ -10,6 +10,8 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tinygrad import Tensor, TinyJit
 
@@ -17,6 +19,15 @@ from action_space import ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
 
 SCORINGS = ("factored", "full")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    meminfo = Path("/proc/meminfo")
+    for line in meminfo.read_text().splitlines() if meminfo.exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 class WolpertingerAgent(DDPG):
@@ -33,6 +44,8 @@ class WolpertingerAgent(DDPG):
         # a window of float indices is exact up to 2**24 points
         self.in_graph_window = isinstance(space, GridActionSpace) and space.dim == 1 and space.knn == "lattice" \
             and 1 < space.n < 2 ** 24
+        if not self.in_graph_window:
+            self._check_candidate_memory(cfg)
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []
@@ -43,6 +56,17 @@ class WolpertingerAgent(DDPG):
             self._proto = TinyJit(self._proto_graph)
             self._target_proto = TinyJit(self._target_proto_graph)
             self._best = TinyJit(self._best_graph)
+
+    def _check_candidate_memory(self, cfg: DDPGConfig) -> None:
+        """Refuse a k whose candidates for a minibatch would not fit in memory: per candidate of each state, its
+        point and the search's coordinates and links (about 16 bytes per action dimension), the critic's hidden
+        pre-activations and the search's working space."""
+        need = (cfg.batch_size + 1) * self.k * (16 * self.space.dim + 4 * cfg.hidden2 + 64)
+        available = available_memory()
+        if available is not None and need > available / 2:
+            raise ValueError(f"k = {self.k} needs about {need / 2 ** 30:.1f} GiB for the candidates of a minibatch, "
+                             f"more than half the {available / 2 ** 30:.1f} GiB of memory available; choose a "
+                             "smaller --k")
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def _score(self, states: Tensor, candidates: Tensor) -> Tensor:
