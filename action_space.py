@@ -68,6 +68,7 @@ class GridActionSpace(ActionSpace):
         self.low, self.high, self.start = low, high, start
         self.steps = np.array([2.0 / (c - 1) if c > 1 else 0.0 for c in counts])
         self.step = float(self.steps[0])  # the 1-d grid's spacing, for the agent's in-graph window
+        self._scale, self._offset = self.steps.astype(np.float32), np.where(self.steps > 0, -1.0, 0.0).astype(np.float32)
         self.coord_dtype = np.min_scalar_type(max(counts) - 1) if max(counts) <= 2 ** 31 else np.int64
         self.knn = "lattice" if knn == "auto" else knn
         self._flann = {}
@@ -96,7 +97,9 @@ class GridActionSpace(ActionSpace):
         return self._coordinate_points(np.asarray(ids)[..., None] if self.dim == 1 else np.asarray(ids))
 
     def _coordinate_points(self, coords: np.ndarray) -> np.ndarray:
-        return np.where(self.steps > 0, coords * self.steps - 1.0, 0.0).astype(np.float32)
+        points = np.multiply(coords, self._scale, dtype=np.float32)  # float32 throughout: one pass, no copies
+        points += self._offset
+        return points
 
     def to_env(self, action_id):
         """The env action for one action id: a float32 array for a box, an int for Discrete, start + coordinates
@@ -143,8 +146,9 @@ class GridActionSpace(ActionSpace):
         """Exact k-NN, (B, dim) -> coordinates (B, k, dim): the k smallest sums of per-axis squared distances.
 
         Axis by axis, the k smallest partial sums over the axes so far are combined with the axis's nearest
-        coordinates (`_merge_pairs`), so the cost is about k * (dim + sum of log counts) per query, whatever
-        the number of actions. Ties at the k-th distance are broken arbitrarily.
+        coordinates, the b-th nearest with only the k // (b + 1) smallest partial sums (see `_merge_blocks`),
+        so the cost is about k * (dim + sum of log counts) per query, whatever the number of actions. Ties at
+        the k-th distance are broken arbitrarily.
         """
         batch = len(protos)
         out = np.zeros((batch, k, self.dim), self.coord_dtype)  # axes of one point stay at coordinate 0
@@ -153,37 +157,48 @@ class GridActionSpace(ActionSpace):
             return out
         nearest = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
         sums = nearest[0][1]                        # ascending: the sums over the axes so far, k at most
-        links = []                                  # per later axis: (position of the partial sum, rank on the axis)
+        merges = []                                 # per later axis: its blocks' offsets, the candidates kept
         for step, (_, cost) in enumerate(nearest[1:], 1):
-            prev, rank = _merge_pairs(sums.shape[1], cost.shape[1], k)
-            candidates = sums[:, prev] + cost[:, rank]
-            keep = min(k, candidates.shape[1])
-            # the next merge needs the t smallest sums in front for each of its thresholds t (see _merge_pairs)
+            sizes = _merge_blocks(sums.shape[1], cost.shape[1], k)
+            offsets = np.cumsum((0,) + sizes)
+            candidates = np.empty((batch, offsets[-1]))
+            for rank, size in enumerate(sizes):     # block b: the first size_b partial sums plus the b-th cost
+                np.add(sums[:, :size], cost[:, rank, None], out=candidates[:, offsets[rank]:offsets[rank + 1]])
+            keep = min(k, offsets[-1])
+            # the next merge needs the t smallest sums in front for each of its block sizes t
             width = nearest[step + 1][1].shape[1] if step + 1 < len(nearest) else 1
-            kth = sorted({min(keep, k // (r + 1)) - 1 for r in range(width)} | {keep - 1})
-            chosen = np.argpartition(candidates, kth, axis=1)[:, :keep] \
-                if keep < candidates.shape[1] or width > 1 else np.broadcast_to(np.arange(keep), (batch, keep))
+            kth = sorted(set(_merge_blocks(keep, width, k)) | {keep}) if width > 1 else [keep]
+            chosen = np.argpartition(candidates, np.array(kth) - 1, axis=1)[:, :keep] \
+                if kth != [offsets[-1]] else np.broadcast_to(np.arange(keep), (batch, keep))
             sums = np.take_along_axis(candidates, chosen, 1)
-            links.append((prev[chosen], rank[chosen]))
+            merges.append((sizes, chosen))
         position = np.broadcast_to(np.arange(k), (batch, k))
         for step in range(len(axes) - 1, -1, -1):   # walk back from the k sums to the coordinate of each axis
             rank = position
             if step > 0:
-                position, rank = (np.take_along_axis(link, position, 1) for link in links[step - 1])
+                sizes, chosen = merges[step - 1]
+                candidate = np.take_along_axis(chosen, position, 1)
+                block, first = _block_lookup(sizes)
+                rank = block[candidate]
+                position = first[candidate]
             out[:, :, axes[step]] = np.take_along_axis(nearest[step][0], rank, 1)
         return out
 
 
-@lru_cache(maxsize=64)
-def _merge_pairs(n_sums: int, n_axis: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (partial sum, axis rank) pairs that can be among the k smallest of all n_sums * n_axis sums.
+@lru_cache(maxsize=256)
+def _merge_blocks(n_sums: int, n_axis: int, k: int) -> tuple[int, ...]:
+    """How many of the smallest partial sums to pair with an axis's b-th nearest coordinate, for each b.
 
     With both lists ascending, the pair (a, b) is at least as large as the (a + 1)(b + 1) - 1 pairs before
-    it in both, so only pairs with (a + 1)(b + 1) <= k are needed: about k * ln(n_axis) of them. The partial
-    sums need not be sorted, only partitioned so that the first t of them are the t smallest for every
-    t = k // (b + 1).
+    it in both, so only pairs with (a + 1)(b + 1) <= k can be among the k smallest: about k * ln(n_axis) of
+    them. The partial sums need not be sorted, only partitioned so that the first t of them are the t
+    smallest for each of these sizes t.
     """
-    sizes = [min(n_sums, k // (b + 1)) for b in range(n_axis)]
-    prev = np.concatenate([np.arange(s, dtype=np.int32) for s in sizes])
-    rank = np.repeat(np.arange(n_axis, dtype=np.int32), sizes)
-    return prev, rank
+    return tuple(min(n_sums, k // (b + 1)) for b in range(n_axis))
+
+
+@lru_cache(maxsize=256)
+def _block_lookup(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For each position of blocks of these sizes laid end to end: its block, and its position in the block."""
+    block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    return block, np.arange(len(block), dtype=np.int32) - np.cumsum((0,) + sizes[:-1], dtype=np.int32)[block]
