@@ -5,10 +5,8 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
   computed inside the compiled graph. Q(s, .) is piecewise linear in a 1-d action, so beyond
   2 * hidden2 + 2 candidates only the window's ends and the grid points beside the critic's kinks
   can hold the maximum; those are all that is scored.
-- otherwise (d > 1, or --knn flann): the action set's search in numpy finds the k candidates; with the
-  factored scoring, model.critic_argmax picks the critic's best of them in numpy, scoring exactly only
-  those that a cheap upper bound of Q cannot rule out, and the compiled update takes that one action;
-  with --scoring full, the compiled graphs score all k, as the reference did.
+- otherwise (d > 1, or --knn flann): GridActionSpace.search in numpy fills a candidate buffer that
+  the compiled graphs score.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from tinygrad import Tensor, TinyJit
 
 from action_space import ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
-from model import critic_argmax
 
 SCORINGS = ("factored", "full")
 
@@ -47,20 +44,17 @@ class WolpertingerAgent(DDPG):
         # a window of float indices is exact up to 2**24 points
         self.in_graph_window = isinstance(space, GridActionSpace) and space.dim == 1 and space.knn == "lattice" \
             and 1 < space.n < 2 ** 24
-        # the critic's best of k found by critic_argmax on the host; --scoring full scores all k in the graphs
-        self.bounded = not self.in_graph_window and scoring == "factored"
         if not self.in_graph_window:
             self._check_candidate_memory(cfg)
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []
             self._act = TinyJit(self._act_window_graph)
-        else:  # the target input: each next state's candidates, or (bounded) its best one
-            self.target_inputs = [realized_zeros(cfg.batch_size, 1 if self.bounded else k, space.dim)]
+        else:
+            self.act_candidates = realized_zeros(1, k, space.dim)
+            self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim)]
             self._proto = TinyJit(self._proto_graph)
             self._target_proto = TinyJit(self._target_proto_graph)
-        if not self.in_graph_window and not self.bounded:
-            self.act_candidates = realized_zeros(1, k, space.dim)
             self._best = TinyJit(self._best_graph)
 
     def _check_candidate_memory(self, cfg: DDPGConfig) -> None:
@@ -126,11 +120,7 @@ class WolpertingerAgent(DDPG):
     def _prepare_target_inputs(self, next_states: Tensor) -> None:
         if not self.in_graph_window:
             protos = read(self._target_proto(next_states))
-            candidates = self.space.points(self.space.search(protos, self.k))
-            if self.bounded:
-                best = critic_argmax(self.critic.state_dict(), read(next_states), candidates)
-                candidates = candidates[np.arange(len(best)), best, None]
-            write(self.target_inputs[0], candidates)
+            write(self.target_inputs[0], self.space.points(self.space.search(protos, self.k)))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):
@@ -155,8 +145,5 @@ class WolpertingerAgent(DDPG):
         neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
         if pick_random:
             return neighbours[0, self.rng.integers(self.k)]
-        candidates = self.space.points(neighbours)
-        if self.bounded:
-            return neighbours[0, critic_argmax(self.critic.state_dict(), np.reshape(state, (1, -1)), candidates)[0]]
-        write(self.act_candidates, candidates)
+        write(self.act_candidates, self.space.points(neighbours))
         return neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])]

@@ -83,25 +83,3 @@ def test_saved_checkpoint_is_standard_safetensors(tmp_path):
     for name, shape in critic.shapes.items():
         assert tuple(loaded[name].shape) == shape
         np.testing.assert_array_equal(loaded[name].numpy(), critic.view(name).numpy())
-
-
-@pytest.mark.parametrize("init_w,first", [(3e-3, 32), (0.5, 1), (0.5, 4)])
-def test_critic_argmax_equals_brute_force(init_w, first):
-    """The bound-ordered arg-max is the brute-force arg-max per state: on grid points of a 4-d box and on
-    MultiBinary corners (ties between equal candidates aside), with bounds loose enough to need several rounds."""
-    from action_space import GridActionSpace
-    from model import critic_argmax
-    Tensor.manual_seed(1)
-    critic = Critic(S, 4, 32, 16, init_w)
-    params = {name: value.astype(np.float64) for name, value in critic.state_dict().items()}
-    rng = np.random.default_rng(2)
-    states = rng.normal(size=(40, S))
-    for space, k in ((GridActionSpace.continuous(-np.ones(4), np.ones(4), 6 ** 4), 300),
-                     (GridActionSpace.multi_discrete(np.full(4, 2), np.zeros(4, np.int8)), 16)):
-        candidates = space.points(space.search(rng.uniform(-1, 1, (40, 4)), k)).astype(np.float64)
-        h = np.maximum(states @ params["fc1.weight"].T + params["fc1.bias"], 0)
-        full = np.concatenate([np.repeat(h[:, None], k, 1), candidates], 2)
-        q = np.maximum(full @ params["fc2.weight"].T + params["fc2.bias"], 0) @ params["fc3.weight"][0] + \
-            params["fc3.bias"][0]
-        best = critic_argmax(critic.state_dict(), states, candidates, first=first)
-        np.testing.assert_allclose(q[np.arange(40), best], q.max(1), rtol=1e-12, atol=1e-12)
