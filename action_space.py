@@ -68,7 +68,8 @@ class GridActionSpace(ActionSpace):
         self.low, self.high, self.start = low, high, start
         self.steps = np.array([2.0 / (c - 1) if c > 1 else 0.0 for c in counts])
         self.step = float(self.steps[0])  # the 1-d grid's spacing, for the agent's in-graph window
-        self._scale, self._offset = self.steps.astype(np.float32), np.where(self.steps > 0, -1.0, 0.0).astype(np.float32)
+        self._scale = self.steps.astype(np.float32)
+        self._offset = np.where(self.steps > 0, -1.0, 0.0).astype(np.float32)
         self.coord_dtype = np.min_scalar_type(max(counts) - 1) if max(counts) <= 2 ** 31 else np.int64
         self.knn = "lattice" if knn == "auto" else knn
         self._flann = {}
@@ -157,7 +158,7 @@ class GridActionSpace(ActionSpace):
             return out
         nearest = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
         sums = nearest[0][1]                        # ascending: the sums over the axes so far, k at most
-        merges = []                                 # per later axis: its blocks' offsets, the candidates kept
+        merges = []                                 # per later axis: its block sizes, the candidates kept
         for step, (_, cost) in enumerate(nearest[1:], 1):
             sizes = _merge_blocks(sums.shape[1], cost.shape[1], k)
             offsets = np.cumsum((0,) + sizes)
