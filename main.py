@@ -29,6 +29,7 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 # The soft target update rate depends on the env's action space, chosen by 5-seed measurements (README,
 # "Learning results"): a small Discrete set (CartPole, episodes that end on failure) needs a faster target network
 # to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
+# MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
 DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
