@@ -42,9 +42,17 @@ CONFIGS = {
     "CartPole-v1": ["--env", "CartPole-v1"],
     "Pendulum-v0, 200000 actions, k=2000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "2000"],
     "Pendulum-v0, 200000 actions, k=20000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "20000"],
+    # combinatorial and many-axis action sets, on the toy env of tests/toy_envs.py (a context, a hidden target)
+    "MultiBinary(20), 1048576 actions, k=10485": ["--env", "tests.toy_envs:ContextToy-binary20-v0", "--k", "10485"],
+    "MultiBinary(40), 2^40 actions, k=10485": ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--k", "10485"],
+    "Box d=3, 195112 actions, k=2000": ["--env", "tests.toy_envs:ContextToy-box3-v0", "--k", "2000"],
+    "Box d=3, 195112 actions, default k (19511)": ["--env", "tests.toy_envs:ContextToy-box3-v0"],
 }
 PLAIN_FLAGS = ["--knn", "flann", "--scoring", "full"]  # the reference's way: FLANN, the whole critic per candidate
-PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3}
+# timed plain-path steps; a configuration missing here has no plain path (FLANN cannot index 2^40 actions)
+PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3,
+               "MultiBinary(20), 1048576 actions, k=10485": 2, "Box d=3, 195112 actions, k=2000": 5,
+               "Box d=3, 195112 actions, default k (19511)": 2}
 
 
 def cpu_model() -> str:

@@ -32,7 +32,13 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 # The soft target update rate depends on the env's action space, chosen by 5-seed measurements (README,
 # "Learning results"): a small Discrete set (CartPole, episodes that end on failure) needs a faster target network
 # to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
-DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01}
+# MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
+DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
+
+# Actions of more than one dimension have their k candidates held in memory and scored, for each of a
+# minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
+# (MultiBinary(20): 1,048,576 actions) would pass by far. Pendulum's 10% of 200,000 is exactly this.
+DEFAULT_K_CAP = 20000
 
 # tinygrad's HCQ2 runtime runs a compiled graph as one native call instead of one Python call per kernel
 # (CartPole: 4.0 instead of 4.9 ms per step). tinygrad reads it once, when first imported; HCQ2=0 turns it off.
@@ -82,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_per_epochs", type=int, default=15, help="save every N episodes")
     p.add_argument("--id", default="0", help="experiment id")
     p.add_argument("--k-ratio", type=float, default=0.1,
-                   help="k = max(min(2, number of actions), int(k_ratio * number of actions)); the reference used "
-                        "max(1, ...), which leaves the critic no choice below 20 actions (--k 1 restores it there)")
+                   help="k = max(min(2, number of actions), int(k_ratio * number of actions)), at most "
+                        f"{DEFAULT_K_CAP} for actions of more than one dimension; the reference used max(1, ...), "
+                        "which leaves the critic no choice below 20 actions (--k 1 restores it there)")
     p.add_argument("--k", type=int, default=None, help="number of neighbours (overrides --k-ratio)")
     p.add_argument("--knn", default="auto", choices=("auto", "lattice", "flann"),
                    help="auto/lattice: exact search on the grid; flann: the reference's FLANN kd-tree")
@@ -315,9 +322,25 @@ def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> 
             return GridActionSpace.continuous(act.low, act.high, args.max_actions, knn=args.knn)
         if isinstance(act, gym.spaces.Discrete):
             return GridActionSpace.discrete(int(act.n), int(act.start), knn=args.knn)
-    except ValueError as e:  # unbounded box, or too few actions for one grid point per axis
+        if isinstance(act, gym.spaces.MultiBinary):
+            return GridActionSpace.multi_discrete(np.full(act.shape, 2), np.zeros(act.shape, act.dtype), knn=args.knn)
+        if isinstance(act, gym.spaces.MultiDiscrete):
+            return GridActionSpace.multi_discrete(act.nvec, act.start, knn=args.knn)
+    except ValueError as e:  # unbounded box, too few actions for one grid point per axis, too many for FLANN
         raise UsageError(f"{env_id}: {e}") from None
-    raise UsageError(f"{env_id} has a {type(act).__name__} action space; supported: Box and Discrete")
+    raise UsageError(f"{env_id} has a {type(act).__name__} action space; "
+                     "supported: Box, Discrete, MultiBinary and MultiDiscrete")
+
+
+def default_k(space: ActionSpace, k_ratio: float) -> int:
+    """k_ratio of the actions, at least 2 where there are 2, at most DEFAULT_K_CAP for actions of more than one
+    dimension (then saying so)."""
+    k = max(min(2, space.n), int(k_ratio * space.n))
+    if space.dim > 1 and k > DEFAULT_K_CAP:
+        print(f"k = {DEFAULT_K_CAP}: the default k is capped there (k_ratio {k_ratio} of {space.n} actions would be "
+              f"{k}); --k sets another")
+        return DEFAULT_K_CAP
+    return k
 
 
 def build(args: argparse.Namespace) -> Setup:
@@ -344,7 +367,7 @@ def build(args: argparse.Namespace) -> Setup:
     if args.tau_update is None:
         args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
     space = make_action_space(env_id, env.action_space, args)
-    k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
+    k = args.k if args.k is not None else default_k(space, args.k_ratio)
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)

@@ -10,6 +10,8 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tinygrad import Tensor, TinyJit
 
@@ -17,6 +19,26 @@ from action_space import ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
 
 SCORINGS = ("factored", "full")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    meminfo = Path("/proc/meminfo")
+    for line in meminfo.read_text().splitlines() if meminfo.exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def check_candidate_memory(k: int, action_dim: int, cfg: DDPGConfig) -> None:
+    """Refuse a k whose candidates for a minibatch would not fit in memory: per candidate of each state, its
+    point and the search's coordinates and links (about 16 bytes per action dimension), the critic's hidden
+    pre-activations and the search's working space."""
+    need = (cfg.batch_size + 1) * k * (16 * action_dim + 4 * cfg.hidden2 + 64)
+    available = available_memory()
+    if available is not None and need > available / 2:
+        raise ValueError(f"k = {k} needs about {need / 2 ** 30:.1f} GiB for the candidates of a minibatch, more "
+                         f"than half the {available / 2 ** 30:.1f} GiB of memory available; choose a smaller --k")
 
 
 class WolpertingerAgent(DDPG):
@@ -28,11 +50,14 @@ class WolpertingerAgent(DDPG):
             raise ValueError(f"the random-candidate probability must lie in [0, 1] (got {random_candidate})")
         if scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        # a window of float indices is exact up to 2**24 points
+        in_graph_window = isinstance(space, GridActionSpace) and space.dim == 1 and space.knn == "lattice" \
+            and 1 < space.n < 2 ** 24
+        if not in_graph_window:  # before any network is built
+            check_candidate_memory(k, space.dim, cfg)
         super().__init__(state_dim, space.dim, cfg, rng)
         self.space, self.k, self.scoring, self.random_candidate = space, k, scoring, random_candidate
-        # a window of float indices is exact up to 2**24 points
-        self.in_graph_window = isinstance(space, GridActionSpace) and space.dim == 1 and space.knn == "lattice" \
-            and 1 < space.n < 2 ** 24
+        self.in_graph_window = in_graph_window
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []

@@ -6,8 +6,19 @@ import pytest
 from action_space import GridActionSpace
 
 
+def every_id(space: GridActionSpace) -> np.ndarray:
+    """All action ids of a small grid, in flat (C) order."""
+    ids = np.stack(np.unravel_index(np.arange(space.n), space.counts), axis=-1)
+    return ids[:, 0] if space.dim == 1 else ids
+
+
+def flat(space: GridActionSpace, ids: np.ndarray) -> np.ndarray:
+    """Flat (C order) indices of coordinate ids, to compare with brute force over every_id."""
+    return np.asarray(ids) if space.dim == 1 else np.ravel_multi_index(tuple(np.moveaxis(ids, -1, 0)), space.counts)
+
+
 def brute_force_knn(space: GridActionSpace, protos: np.ndarray, k: int) -> np.ndarray:
-    grid = space.points(np.arange(space.n)).astype(np.float64)
+    grid = space.points(every_id(space)).astype(np.float64)
     d2 = ((np.clip(protos, -1, 1)[:, None, :] - grid[None]) ** 2).sum(-1)
     return np.sort(d2, axis=1)[:, :k], d2
 
@@ -15,11 +26,11 @@ def brute_force_knn(space: GridActionSpace, protos: np.ndarray, k: int) -> np.nd
 @pytest.mark.parametrize("dim,max_actions,per_axis", [(1, 200000, 200000), (2, 10000, 100), (3, 1000, 10)])
 def test_grid_shape_and_order(dim, max_actions, per_axis):
     space = GridActionSpace.continuous(-np.ones(dim), np.ones(dim), max_actions)
-    assert (space.points_per_axis, space.n) == (per_axis, per_axis ** dim)
+    assert (space.counts, space.n) == ((per_axis,) * dim, per_axis ** dim)
     sample = np.arange(0, space.n, max(1, space.n // 500))
     axis = np.linspace(-1, 1, per_axis)
     expected = np.array(list(itertools.product(*[axis] * dim)))[sample] if space.n <= 10000 else axis[sample, None]
-    np.testing.assert_allclose(space.points(sample), expected, atol=1e-6)
+    np.testing.assert_allclose(space.points(every_id(space)[sample] if dim > 1 else sample), expected, atol=1e-6)
 
 
 def test_pendulum_grid_covers_bounds_evenly():
@@ -31,8 +42,8 @@ def test_pendulum_grid_covers_bounds_evenly():
 
 def test_box_scaling_per_axis():
     space = GridActionSpace.continuous([0.0, -3.0], [1.0, 3.0], 9)
-    assert space.to_env(0).tolist() == [0.0, -3.0] and space.to_env(8).tolist() == [1.0, 3.0]
-    assert space.to_env(4).tolist() == [0.5, 0.0]
+    assert space.to_env([0, 0]).tolist() == [0.0, -3.0] and space.to_env([2, 2]).tolist() == [1.0, 3.0]
+    assert space.to_env([1, 1]).tolist() == [0.5, 0.0]
 
 
 def test_discrete_maps_back_to_its_actions():
@@ -42,22 +53,16 @@ def test_discrete_maps_back_to_its_actions():
     assert space.nearest(space.points(np.arange(7))).tolist() == list(range(7))
 
 
-@pytest.mark.parametrize("dim,max_actions,k", [(1, 1000, 1), (1, 1000, 37), (1, 1000, 1000), (2, 400, 1),
-                                               (2, 400, 23), (2, 400, 400), (3, 512, 50), (3, 1000, 333)])
-def test_lattice_search_equals_brute_force(dim, max_actions, k):
-    space = GridActionSpace.continuous(-np.ones(dim), np.ones(dim), max_actions)
-    rng = np.random.default_rng(dim * 1000 + k)
-    corners = np.array(list(itertools.product([-1.0, 1.0], repeat=dim)))
-    on_grid = space.points(rng.integers(0, space.n, 8))                 # exact ties between neighbours
-    midpoints = on_grid + space.step / 2                                 # ties at equal distance
-    protos = np.concatenate([rng.uniform(-1.2, 1.2, (40, dim)), corners, on_grid, midpoints])
+def assert_exact_knn(space: GridActionSpace, protos: np.ndarray, k: int) -> None:
+    """search's k ids are distinct, have brute force's k smallest distances and, where the k-th distance is
+    unique, are brute force's very set."""
     found = space.search(protos, k)
-    assert found.shape == (len(protos), k)
+    assert found.shape == (len(protos), k) + ((space.dim,) if space.dim > 1 else ())
+    found = flat(space, found)
     assert all(len(set(row)) == k for row in found)
     best, d2 = brute_force_knn(space, protos, k)
     # the same distances as brute force (ties may be broken either way)
     np.testing.assert_allclose(np.sort(np.take_along_axis(d2, found, 1), axis=1), best, atol=1e-6)
-    # and, where the k-th distance is unique, the very same set
     sorted_d2 = np.sort(d2, axis=1)
     unique = (k == space.n) | (sorted_d2[:, k - 1] + 1e-6 < sorted_d2[:, min(k, space.n - 1)])
     for row, dist, u in zip(found, d2, unique):
@@ -65,17 +70,71 @@ def test_lattice_search_equals_brute_force(dim, max_actions, k):
             assert set(row) == set(np.argsort(dist, kind="stable")[:k])
 
 
+def awkward_protos(space: GridActionSpace, rng: np.random.Generator) -> np.ndarray:
+    """Random proto-actions (some outside [-1, 1]), the corners, grid points and midpoints between them (ties)."""
+    corners = np.array(list(itertools.product([-1.0, 1.0], repeat=space.dim)))[:16]
+    on_grid = space.points(every_id(space)[rng.integers(0, space.n, 8)])
+    midpoints = on_grid + space.steps / 2
+    return np.concatenate([rng.uniform(-1.2, 1.2, (40, space.dim)), corners, on_grid, midpoints])
+
+
+@pytest.mark.parametrize("dim,max_actions,k", [(1, 1000, 1), (1, 1000, 37), (1, 1000, 1000), (2, 400, 1),
+                                               (2, 400, 23), (2, 400, 400), (3, 512, 50), (3, 1000, 333)])
+def test_lattice_search_equals_brute_force(dim, max_actions, k):
+    space = GridActionSpace.continuous(-np.ones(dim), np.ones(dim), max_actions)
+    assert_exact_knn(space, awkward_protos(space, np.random.default_rng(dim * 1000 + k)), k)
+
+
+@pytest.mark.parametrize("nvec,k", [((2,) * 8, 1), ((2,) * 8, 2), ((2,) * 8, 37), ((2,) * 8, 256), ((2,) * 10, 100),
+                                    ((3, 1, 7, 2, 5), 1), ((3, 1, 7, 2, 5), 29), ((3, 1, 7, 2, 5), 210),
+                                    ((40, 2, 3), 61), ((1, 1), 1), ((6, 5, 4, 3, 2, 2), 500)])
+def test_combinatorial_search_equals_brute_force(nvec, k):
+    """MultiBinary (the hypercube's corners) and uneven MultiDiscrete, axes of one point included."""
+    space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
+    rng = np.random.default_rng(k)
+    protos = awkward_protos(space, rng)
+    protos[:4, :] = 0.0                                                # every corner of a hypercube ties
+    assert_exact_knn(space, protos, k)
+
+
+def test_search_never_enumerates_a_huge_space():
+    space = GridActionSpace.multi_discrete(np.full(100, 2), np.zeros(100, np.int8))   # 2^100 actions
+    protos = np.random.default_rng(0).uniform(-1, 1, (4, 100))
+    found = space.search(protos, 3)
+    nearest = (protos > 0).astype(int)                                 # each axis's nearer corner
+    # the runners-up flip the axis, then the next axis, nearest to 0
+    flips = np.argsort(np.abs(protos), axis=1)[:, :2]
+    for row, near, flip in zip(found, nearest, flips):
+        expected = [near.copy() for _ in range(3)]
+        expected[1][flip[0]] ^= 1
+        expected[2][flip[1]] ^= 1
+        assert sorted(map(tuple, row)) == sorted(map(tuple, expected))
+    assert space.n == 2 ** 100 and found.dtype == np.uint8
+
+
+def test_env_actions_of_combinations_keep_the_env_format():
+    multi = GridActionSpace.multi_discrete(np.array([[2, 3], [4, 5]]), np.array([[1, 0], [0, -2]]))
+    action = multi.to_env(np.array([1, 2, 3, 4]))
+    assert action.tolist() == [[2, 2], [3, 2]] and action.dtype == np.int64
+    binary = GridActionSpace.multi_discrete(np.full(3, 2), np.zeros(3, np.int8))
+    assert binary.to_env(np.array([1, 0, 1])).tolist() == [1, 0, 1] and binary.to_env([1, 0, 1]).dtype == np.int8
+    np.testing.assert_array_equal(binary.points(np.array([[1, 0, 1]])), [[1.0, -1.0, 1.0]])
+    # an axis of one point sits at 0
+    np.testing.assert_array_equal(GridActionSpace.multi_discrete(np.array([3, 1]), np.zeros(2)).points([2, 0]), [1, 0])
+
+
 @pytest.mark.parametrize("dim,max_actions,k", [(1, 500, 20), (2, 400, 15)])
 def test_flann_exact_search_returns_the_lattice_sets(dim, max_actions, k):
     lattice = GridActionSpace.continuous(-np.ones(dim), np.ones(dim), max_actions)
     flann = GridActionSpace.continuous(-np.ones(dim), np.ones(dim), max_actions, knn="flann")
     protos = np.random.default_rng(0).uniform(-1, 1, (30, dim))
-    exact = flann._flann_search(protos, k, exact=True)
+    exact = flann._flann_search(protos, k, exact=True)                   # coordinates, (30, k, dim)
+    exact = exact[..., 0] if dim == 1 else exact
     _, d2 = brute_force_knn(lattice, protos, k + 1)
     sorted_d2 = np.sort(d2, axis=1)
     unique = sorted_d2[:, k - 1] + 1e-9 < sorted_d2[:, k]
     assert unique.sum() > 20
-    for a, b, u in zip(exact, lattice.search(protos, k), unique):
+    for a, b, u in zip(flat(flann, exact), flat(lattice, lattice.search(protos, k)), unique):
         if u:
             assert set(a) == set(b)
 

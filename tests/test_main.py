@@ -115,6 +115,42 @@ def test_pendulum_v0_maps_to_v1_and_trains(tmp_path):
     assert_run_files(run_dir)
 
 
+def test_multibinary_env_trains_and_gets_its_own_action_format(tmp_path):
+    """ContextToy asserts that each action it gets belongs to its MultiBinary space."""
+    result = run_main("--env", "tests.toy_envs:ContextToy-binary6-v0", "--max-episode", 1, "--max-episode-length", 30,
+                      "--warmup", 10, "--eval-every", 0, "--seed", 2, "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "tests.toy_envs_ContextToy-binary6-v0-run1"
+    assert [r["env_steps"] for r in metrics(run_dir)] == ["30"] and float(metrics(run_dir)[0]["return"]) > 0
+    assert_run_files(run_dir)
+
+
+def test_combinatorial_spaces_reach_the_env_in_its_format():
+    import gymnasium as gym
+
+    import main
+    args = main.parse_args([])
+    spaces = [gym.spaces.MultiDiscrete([[2, 3], [4, 1]], start=[[1, 0], [0, -2]]), gym.spaces.MultiBinary([2, 3]),
+              gym.spaces.MultiDiscrete([7])]
+    for act in spaces:
+        space = main.make_action_space("toy", act, args)
+        ids = space.search(np.random.default_rng(0).uniform(-1, 1, (20, space.dim)), 3)
+        assert space.n == np.prod(act.nvec if hasattr(act, "nvec") else np.full(act.shape, 2))
+        assert all(act.contains(space.to_env(i)) for row in ids for i in row)
+
+
+def test_default_k_is_capped_with_a_notice(capsys):
+    import main
+    setup = main.build(main.parse_args(["--env", "tests.toy_envs:ContextToy-binary20-v0"]))
+    assert (setup.k, setup.space.n, setup.agent.cfg.tau) == (main.DEFAULT_K_CAP, 2 ** 20, 0.001)
+    notice = [line for line in capsys.readouterr().out.splitlines() if "capped" in line]
+    assert len(notice) == 1 and "104857" in notice[0]
+    # not where 10% is below the cap, nor for a 1-d action set
+    for env in ("tests.toy_envs:ContextToy-binary6-v0", "Pendulum-v0"):
+        main.build(main.parse_args(["--env", env, "--max-actions", "400000"]))
+        assert "capped" not in capsys.readouterr().out
+
+
 def test_best_evaluation_keeps_its_weights(cartpole):
     _, run_dir = cartpole
     first, last = [float(r["eval_return"]) for r in metrics(run_dir) if r["eval_return"]]
@@ -165,7 +201,9 @@ BAD_INPUTS = {
     "unknown env": lambda run, tmp: ["--env", "NoSuchEnv-v0"],
     "no actions": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 0],
     "k too large": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--k", 50],
-    "unsupported action space": lambda run, tmp: ["--env", "tests.toy_envs:MultiDiscreteToy-v0"],
+    "unsupported action space": lambda run, tmp: ["--env", "tests.toy_envs:TupleToy-v0"],
+    "k beyond memory": lambda run, tmp: ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--k", 10 ** 10],
+    "FLANN on 2^40 actions": lambda run, tmp: ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--knn", "flann"],
     "missing checkpoint folder": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test",
                                                    "--load-model-dir", tmp / "nowhere"],
     "missing checkpoint file": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test", "--load-model-dir",

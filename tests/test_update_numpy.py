@@ -20,6 +20,8 @@ from tinygrad import Tensor
 from action_space import GridActionSpace
 from ddpg import DDPGConfig
 from memory import ReplayMemory
+from tests.test_action_space import every_id
+from tests.test_action_space import flat as flat_index
 from wolp_agent import WolpertingerAgent
 
 S, H1, H2, BATCH = 3, 16, 8, 8
@@ -174,8 +176,9 @@ def random_memory(agent, seed, n=40):
     rng = np.random.default_rng(seed + 200)
     memory = ReplayMemory(100, S, agent.space.dim)
     for i in range(n):
-        memory.append(rng.normal(size=S), agent.space.points(rng.integers(agent.space.n)), rng.normal(),
-                      rng.normal(size=S), terminated=i % 3 == 0)
+        action = every_id(agent.space)[rng.integers(agent.space.n)]
+        memory.append(rng.normal(size=S), agent.space.points(action), rng.normal(), rng.normal(size=S),
+                      terminated=i % 3 == 0)
     return memory
 
 
@@ -188,7 +191,7 @@ def next_batch(agent, memory):
 
 def flann_neighbours(agent):
     """The library's FLANN kd-tree is approximate by design (the reference's); take its candidate set as given."""
-    return lambda grid, proto, k: agent.space.search(proto[None], k)[0]
+    return lambda grid, proto, k: flat_index(agent.space, agent.space.search(proto[None], k)[0])
 
 
 def assert_matches(agent, expected, losses, adam_state):
@@ -211,7 +214,7 @@ def test_one_update_equals_numpy(case):
     memory = random_memory(agent, seed)
     batch = next_batch(agent, memory)
     assert 0 < batch[4].sum() < BATCH, "the batch needs terminated and bootstrapped transitions"
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
     adam_state = {"critic": {}, "actor": {}}
     neighbours = flann_neighbours(agent) if agent.space.knn == "flann" else nearest_k
     expected = expected_update(numpy_params(agent), adam_state, batch, grid, k, agent.cfg, neighbours)
@@ -233,7 +236,7 @@ def test_three_updates_equal_numpy(case):
     space, k, seed = CASES[case]
     agent = make_agent(space, k, seed)
     memory = random_memory(agent, seed)
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
     p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
     for _ in range(3):
         expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
@@ -251,7 +254,7 @@ def test_every_parameter_element_trains(weight_decay):
     memory = random_memory(agent, seed)
     before = numpy_params(agent)
     adam_state = {"critic": {}, "actor": {}}
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
     expected_update(before, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
     agent.update(memory)
     after = numpy_params(agent)
@@ -280,7 +283,7 @@ def test_termination_cuts_the_return_and_truncation_bootstraps():
     assert 0 < terminated.sum() < BATCH and terminated.sum() != BATCH / 2, \
         "needs both kinds, in unequal numbers (an inverted mask would pass otherwise)"
     p = numpy_params(agent)
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
     a_next = grid[target_actions(p, s2[:1], grid, k)]
     bootstrap = CFG["gamma"] * critic_forward(p["critic_target"], s2[:1], a_next)[0][0]
     q = critic_forward(p["critic"], s[:1], a[:1])[0][0]

@@ -5,6 +5,7 @@ from tinygrad import Tensor
 from action_space import GridActionSpace
 from ddpg import DDPGConfig, read, write
 from memory import ReplayMemory
+from tests.test_action_space import every_id, flat
 from wolp_agent import WolpertingerAgent
 
 S = 3
@@ -32,13 +33,14 @@ def numpy_nets(agent):
 def brute_force_choice(agent, states, protos):
     """Per state: its own k nearest grid points (brute force), scored by the online critic with that state."""
     _, critic = numpy_nets(agent)
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    ids = every_id(agent.space)
+    grid = agent.space.points(ids).astype(np.float64)
     chosen, best_q = [], []
     for s, proto in zip(states, protos):
         d2 = ((grid - np.clip(proto, -1, 1)) ** 2).sum(1)
         neighbours = np.argsort(d2, kind="stable")[:agent.k]
         q = critic("critic", np.repeat(s[None], agent.k, 0), grid[neighbours])
-        chosen.append(neighbours[np.argmax(q)])
+        chosen.append(ids[neighbours[np.argmax(q)]])
         best_q.append(q.max())
     return np.array(chosen), np.array(best_q)
 
@@ -48,6 +50,8 @@ CASES = {
     "1d-small-k": dict(space=lambda: GridActionSpace.continuous([-2.0], [2.0], 2001), k=20),
     "discrete": dict(space=lambda: GridActionSpace.discrete(5), k=2),
     "2d-lattice": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=17),
+    "multi-discrete": dict(space=lambda: GridActionSpace.multi_discrete(np.array([2, 3, 1, 4, 2, 2]), np.zeros(6)),
+                           k=19),
     # k = 1 (the reference's k on CartPole, --k 1): the nearest action, which needs no critic
     "discrete-k1": dict(space=lambda: GridActionSpace.discrete(2), k=1),
     "2d-k1": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=1),
@@ -83,13 +87,13 @@ def test_target_actions_equal_per_state_brute_force(case):
     np.testing.assert_allclose(got, agent.space.points(chosen), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["1d-window", "2d-lattice"])
+@pytest.mark.parametrize("case", ["1d-window", "2d-lattice", "multi-discrete"])
 def test_acting_without_noise_picks_the_brute_force_best(case):
     agent = make_agent(case)
     actor, _ = numpy_nets(agent)
     states = np.random.default_rng(2).normal(size=(6, S))
     expected, _ = brute_force_choice(agent, states, actor("actor", states))
-    assert [agent.select_action(s, explore=False) for s in states] == expected.tolist()
+    assert np.array([agent.select_action(s, explore=False) for s in states]).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("case", ["1d-window", "1d-small-k", "2d-lattice"])
@@ -100,17 +104,18 @@ def test_exploring_picks_the_best_neighbour_of_the_noisy_proto_action(case):
     actor, _ = numpy_nets(agent)
     picks = [explore_once(agent, s, actor) for s in states]
     expected, _ = brute_force_choice(agent, states, np.array([proto for _, proto in picks]))
-    assert [index for index, _ in picks] == expected.tolist()
+    assert np.array([index for index, _ in picks]).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("case", ["1d-small-k", "2d-lattice", "discrete"])
 def test_random_candidate_is_uniform_over_the_k_neighbours(case):
     agent = make_agent(case, random_candidate=1.0)
     agent.cfg.epsilon = 1e9  # keep the scale, and so the probability, at 1
-    grid = agent.space.points(np.arange(agent.space.n)).astype(np.float64)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
     state, counts, (actor, _) = np.random.default_rng(6).normal(size=S), {}, numpy_nets(agent)
     for _ in range(40 * agent.k):
-        index, proto = explore_once(agent, state, actor)
+        action, proto = explore_once(agent, state, actor)
+        index = flat(agent.space, action)
         neighbours = np.argsort(((grid - np.clip(proto, -1, 1)) ** 2).sum(1), kind="stable")[:agent.k]
         assert index in neighbours
         position = int(np.flatnonzero(neighbours == index)[0])  # rank among the neighbours: 0 nearest
@@ -121,15 +126,16 @@ def test_random_candidate_is_uniform_over_the_k_neighbours(case):
 def test_plain_scoring_picks_the_same_actions():
     fast, plain = make_agent("2d-lattice"), make_agent("2d-lattice", scoring="full")
     states = np.random.default_rng(3).normal(size=(5, S)).astype(np.float32)
-    assert [fast.select_action(s, explore=False) for s in states] == \
-        [plain.select_action(s, explore=False) for s in states]
+    assert np.array([fast.select_action(s, explore=False) for s in states]).tolist() == \
+        np.array([plain.select_action(s, explore=False) for s in states]).tolist()
 
 
 def filled_memory(agent, n=200):
     memory = ReplayMemory(1000, S, agent.space.dim)
     rng = np.random.default_rng(4)
     for _ in range(n):
-        memory.append(rng.normal(size=S), agent.space.points(rng.integers(agent.space.n)), rng.normal(),
+        memory.append(rng.normal(size=S), agent.space.points(every_id(agent.space)[rng.integers(agent.space.n)]),
+                      rng.normal(),
                       rng.normal(size=S), rng.random() < 0.1)
     return memory
 

@@ -1,0 +1,66 @@
+"""Side by side, in one process: the exact grid k-NN of an earlier commit against this one's.
+
+    python bench_knn.py                    # against 112d814 (the box search), at about 200,000 actions
+    python bench_knn.py --commit abc1234 --dims 3 --ks 2000
+
+Times one minibatch of 64 queries (`GridActionSpace.search`), the median of --repeats calls (one call
+where the earlier search takes seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from action_space import GridActionSpace
+
+
+def earlier_module(commit: str):
+    """action_space.py as it was at `commit`, imported under another name."""
+    source = subprocess.run(["git", "show", f"{commit}:action_space.py"], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent).stdout
+    path = Path(tempfile.mkdtemp()) / "earlier_action_space.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("earlier_action_space", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(search, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        search()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--commit", default="112d814")
+    p.add_argument("--actions", type=int, default=200000)
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument("--ks", type=int, nargs="+", default=[2000, 20000])
+    p.add_argument("--repeats", type=int, default=3)
+    opts = p.parse_args()
+    earlier, rng = earlier_module(opts.commit).GridActionSpace, np.random.default_rng(0)
+    print(f"| d | actions | k | {opts.commit} ms | this ms | speed-up |\n|---|---|---|---|---|---|")
+    for d in opts.dims:
+        before, now = (cls.continuous(-np.ones(d), np.ones(d), opts.actions) for cls in (earlier, GridActionSpace))
+        for k in opts.ks:
+            protos = rng.uniform(-1, 1, (64, d))
+            ms_now = median_ms(lambda: now.search(protos, k), opts.repeats)
+            first = median_ms(lambda: before.search(protos, k), 1)
+            ms_before = first if first > 1000 else median_ms(lambda: before.search(protos, k), opts.repeats)
+            print(f"| {d} | {now.n} | {k} | {ms_before:.0f} | {ms_now:.1f} | {ms_before / ms_now:.0f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
