@@ -73,8 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="k = max(min(2, number of actions), int(k_ratio * number of actions)); the reference used "
                         "max(1, ...), which leaves the critic no choice below 20 actions (--k 1 restores it there)")
     p.add_argument("--k", type=int, default=None, help="number of neighbours (overrides --k-ratio)")
-    p.add_argument("--knn", default="auto", choices=("auto", "lattice", "flann"),
-                   help="auto/lattice: exact search on the grid; flann: the reference's FLANN kd-tree")
+    p.add_argument("--knn", default="auto", choices=("auto", "lattice", "exact", "ivf", "flann"),
+                   help="grids: auto/lattice (exact search on the grid) or flann (the reference's FLANN kd-tree); "
+                        "action embeddings: exact (brute force), ivf (inverted file, approximate), flann, or auto "
+                        "(exact up to 20000 items, ivf above)")
+    p.add_argument("--action-embeddings", default=None, metavar="FILE.npy",
+                   help="N x d embeddings of a Discrete(N) env's actions (wins over the env's action_embeddings)")
+    p.add_argument("--flann-checks", type=int, default=0,
+                   help="--knn flann over embeddings: kd-tree leaves checked per query, FLANN's accuracy knob "
+                        "(0: max(256, 10 k))")
+    p.add_argument("--ivf-probes", type=int, default=8,
+                   help="--knn ivf: nearest lists scanned per query (of about sqrt(N) lists)")
     p.add_argument("--scoring", default="factored", choices=("factored", "full"),
                    help="full: run the whole critic per candidate, as the reference did (same numbers, slower)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate without noise every N episodes (0: never)")
@@ -108,6 +117,39 @@ def make_env(env_id: str) -> gym.Env:
         return gym.make(env_id)
     except gym.error.Error as e:
         raise UsageError(f"cannot make env {env_id!r}: {e}") from None
+
+
+def load_action_embeddings(env: gym.Env, args: argparse.Namespace) -> np.ndarray | None:
+    """The actions' embeddings: the --action-embeddings file, else the env's `action_embeddings`, else None."""
+    if args.action_embeddings is None:
+        return getattr(env.unwrapped, "action_embeddings", None)
+    try:
+        embeddings = np.load(args.action_embeddings, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: {e.strerror or 'cannot read it'}") from None
+    except ValueError:
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: not a .npy array file") from None
+    if not isinstance(embeddings, np.ndarray):  # an .npz archive
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: not a single .npy array")
+    return embeddings
+
+
+def make_embedding_space(env_id: str, act: gym.Space, embeddings, args: argparse.Namespace) -> ActionSpace:
+    """An EmbeddingActionSpace over a Discrete env's actions; says which search --knn auto picked."""
+    import gymnasium as gym
+
+    from action_space import EXACT_MAX_ITEMS, EmbeddingActionSpace
+    if not isinstance(act, gym.spaces.Discrete):
+        raise UsageError(f"{env_id}: action embeddings need a Discrete action space, not {type(act).__name__}")
+    try:
+        space = EmbeddingActionSpace(embeddings, int(act.start), args.knn, args.flann_checks, args.ivf_probes)
+    except ValueError as e:
+        raise UsageError(f"{env_id}: {e}") from None
+    if space.n != act.n:
+        raise UsageError(f"{env_id}: {space.n} action embeddings for {act.n} actions")
+    if args.knn == "auto":
+        print(f"--knn auto: {space.knn} search over {space.n} items (exact up to {EXACT_MAX_ITEMS} items)")
+    return space
 
 
 def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> ActionSpace:
@@ -155,7 +197,9 @@ def build(args: argparse.Namespace) -> Setup:
                          "supported: Box observations")
     if args.tau_update is None:
         args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
-    space = make_action_space(env_id, env.action_space, args)
+    embeddings = load_action_embeddings(env, args)
+    space = make_action_space(env_id, env.action_space, args) if embeddings is None else \
+        make_embedding_space(env_id, env.action_space, embeddings, args)
     k = args.k if args.k is not None else max(min(2, space.n), int(args.k_ratio * space.n))
     for flag in ("bsize", "rmsize", "max_episode_length", "hidden1", "hidden2", "epsilon"):
         if getattr(args, flag) < 1:
@@ -183,6 +227,8 @@ def build(args: argparse.Namespace) -> Setup:
             agent.load(folder)
         except ValueError as e:
             raise UsageError(f"cannot load weights: {e}") from None
+        if message := space.load_index(folder):
+            print(message)
     return Setup(env_id, env, make_env(env_id), space, agent, k)
 
 
@@ -327,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
+    if args.mode == "train" and (message := setup.space.save_index(run_dir)):
+        print(message)
     (train if args.mode == "train" else test)(args, setup, run_dir)
     return 0
 
