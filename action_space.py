@@ -338,9 +338,8 @@ class IVFIndex:
     def __init__(self, centroids: np.ndarray, order: np.ndarray, offsets: np.ndarray, vectors: np.ndarray):
         self.centroids, self.order, self.offsets = centroids, order, offsets
         self.centroid_sq = (centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
-        # one extra row past the end: the padding of the candidate table, at infinite distance
-        self.sorted_vectors = np.concatenate([vectors[order], np.zeros((1, vectors.shape[1]), np.float32)])
-        self.sorted_sq = np.append((self.sorted_vectors[:-1].astype(np.float64) ** 2).sum(1), np.inf).astype(np.float32)
+        self.sorted_vectors = vectors[order]
+        self.sorted_sq = (self.sorted_vectors.astype(np.float64) ** 2).sum(1).astype(np.float32)
 
     @classmethod
     def build(cls, vectors: np.ndarray, iterations: int = 10, sample_per_list: int = 64) -> IVFIndex:
@@ -374,19 +373,18 @@ class IVFIndex:
         hold fewer than k items is answered by `fallback(protos, k)`."""
         probes = min(probes, len(self.centroids))
         lists = top_k(self.centroid_sq[None] - 2 * protos @ self.centroids.T, probes)      # (B, P)
-        starts, sizes = self.offsets[lists], self.offsets[lists + 1] - self.offsets[lists]
-        totals = sizes.sum(1)
-        # the candidate table (B, width): each row the concatenated slices of its lists, padded with the extra row
-        width = max(int(totals.max()), k)
-        flat_sizes = sizes.ravel()
-        run_start = np.repeat(np.cumsum(flat_sizes) - flat_sizes, flat_sizes)
-        positions = np.repeat(starts.ravel(), flat_sizes) + np.arange(flat_sizes.sum()) - run_start
-        rows = np.repeat(np.arange(len(protos)), totals)
-        columns = np.arange(len(rows)) - np.repeat(np.cumsum(totals) - totals, totals)
-        table = np.full((len(protos), width), len(self.order), np.int64)
-        table[rows, columns] = positions
-        dist = self.sorted_sq[table] - 2 * np.einsum("bcd,bd->bc", self.sorted_vectors[table], protos)
-        ids = self.order[np.minimum(np.take_along_axis(table, top_k(dist, k), 1), len(self.order) - 1)]
+        starts, ends = self.offsets[lists], self.offsets[lists + 1]
+        totals = (ends - starts).sum(1)
+        # each row: the distances to the items of the query's lists, then padding at infinite distance
+        dist = np.full((len(protos), max(int(totals.max()), k)), np.inf, np.float32)
+        candidates = np.zeros(dist.shape, np.int64)
+        for b, query in enumerate(protos):  # a list is a contiguous slice: a small product, no gather of rows
+            column = 0
+            for lo, hi in zip(starts[b].tolist(), ends[b].tolist()):
+                dist[b, column:column + hi - lo] = self.sorted_sq[lo:hi] - 2 * (self.sorted_vectors[lo:hi] @ query)
+                candidates[b, column:column + hi - lo] = self.order[lo:hi]
+                column += hi - lo
+        ids = np.take_along_axis(candidates, top_k(dist, k), 1)
         short = totals < k
         if short.any():
             ids[short] = fallback(protos[short], k)
