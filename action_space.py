@@ -369,9 +369,11 @@ class IVFIndex:
             return cls(saved["centroids"], saved["order"], saved["offsets"], vectors)
 
     def search(self, protos: np.ndarray, k: int, probes: int, fallback) -> np.ndarray:
-        """Ids of the k nearest items among those of each query's `probes` nearest lists; a query whose lists
-        hold fewer than k items is answered by `fallback(protos, k)`."""
-        probes = min(probes, len(self.centroids))
+        """Ids of the k nearest items among those of each query's nearest lists (`probes` of them, or more where
+        k needs more); a query whose lists hold fewer than k items is answered by `fallback(protos, k)`."""
+        # lists for about 2k items at least: lists vary in size, and a query whose lists hold fewer than k items
+        # falls back to the exact search (1M items, k = 1000: 2 lists fell back often, 3 seldom)
+        probes = min(max(probes, math.ceil(2 * k * len(self.centroids) / len(self.order)) + 1), len(self.centroids))
         lists = top_k(self.centroid_sq[None] - 2 * protos @ self.centroids.T, probes)      # (B, P)
         starts, ends = self.offsets[lists], self.offsets[lists + 1]
         totals = (ends - starts).sum(1)

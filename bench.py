@@ -4,6 +4,7 @@
     python bench.py speed --steps 500 --out results.json
     python bench.py learn --env CartPole-v1 --episodes 300 --seeds 5   # learning: see `learn`
     python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
+    python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
 
 Speed:
 For each configuration both paths run the same training loop (main.run_episode with the default
@@ -26,9 +27,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from main import build, parse_args, run_episode  # first: it sets runtime options that numpy reads on import
 
-from main import build, parse_args, run_episode
+import numpy as np  # noqa: E402
 from memory import ReplayMemory
 from util import env_folder_name, plot_seed_band, read_metrics
 
@@ -36,9 +37,12 @@ CONFIGS = {
     "CartPole-v1": ["--env", "CartPole-v1"],
     "Pendulum-v0, 200000 actions, k=2000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "2000"],
     "Pendulum-v0, 200000 actions, k=20000": ["--env", "Pendulum-v0", "--max-actions", "200000", "--k", "20000"],
+    # 1,000,000 items with clustered 16-d embeddings; fast: --knn auto (IVF), plain: FLANN and the full critic
+    "1M embedded items, k=1000": ["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000"],
 }
 PATHS = {"fast": [], "plain": ["--knn", "flann", "--scoring", "full"]}
-PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3}
+PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3,
+               "1M embedded items, k=1000": 3}
 
 
 def cpu_model() -> str:
@@ -187,6 +191,75 @@ def learn(opts: argparse.Namespace) -> None:
     print(f"wrote {out / 'summary.json'} and {out / 'learning_curve.png'}")
 
 
+def knn(opts: argparse.Namespace) -> None:
+    """k-NN over --items 16-d embeddings (clustered as the 1M toy env's, and uniform in [-1, 1]^16), 64 queries
+    (items plus noise), k = 1000: ms per search and recall@k against exact search; index build, save, reload."""
+    import tempfile
+
+    from action_space import EmbeddingActionSpace
+    from tests.toy_envs import EmbeddedItemsToy
+    rng = np.random.default_rng(0)
+    sets = {"clustered": EmbeddedItemsToy(opts.items, 16, clusters=1000).action_embeddings,
+            "uniform": rng.uniform(-1, 1, (opts.items, 16)).astype(np.float32)}
+    results = {"machine": cpu_model(), "items": opts.items, "k": 1000, "queries": 64, "sets": {}}
+
+    def timed(f, repeats=1):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = f()
+        return out, 1e3 * (time.perf_counter() - start) / repeats
+
+    for name, embeddings in sets.items():
+        exact = EmbeddingActionSpace(embeddings, knn="exact")
+        queries = np.clip(exact.vectors[rng.integers(0, opts.items, 64)] + rng.normal(0, 0.05, (64, 16)), -1, 1)
+        truth, exact_ms = timed(lambda: exact.search(queries, 1000))
+        rows = {"exact": {"ms": exact_ms, "recall": 1.0}}
+        for method, knob, values in (("ivf", "ivf_probes", (1, 2, 4, 8, 16, 64)), ("flann", "flann_checks", (0, 40000))):
+            space = EmbeddingActionSpace(embeddings, knn=method)
+            _, build_ms = timed(space.index)
+            with tempfile.TemporaryDirectory() as folder:
+                _, save_ms = timed(lambda: space.save_index(Path(folder)))
+                again = EmbeddingActionSpace(embeddings, knn=method)
+                _, reload_ms = timed(lambda: again.load_index(Path(folder)))
+            rows[f"{method} index"] = {"build_s": build_ms / 1e3, "save_s": save_ms / 1e3, "reload_s": reload_ms / 1e3}
+            for value in values:
+                setattr(again, knob, value)
+                again.search(queries, 1000)
+                found, ms = timed(lambda: again.search(queries, 1000), 3)
+                recall = np.mean([len(set(a) & set(b)) / 1000 for a, b in zip(found, truth)])
+                rows[f"{method} {knob}={value}"] = {"ms": ms, "recall": float(recall)}
+                print(f"{name}: {method} {knob}={value}: {ms:.1f} ms, recall {recall:.3f}", flush=True)
+        results["sets"][name] = rows
+        print(json.dumps(rows, indent=1), flush=True)
+    results["training"] = {probes: training_search(["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000",
+                                                    "--ivf-probes", str(probes)], opts.steps)
+                           for probes in (4, 8)}
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
+
+
+def training_search(argv: list[str], steps: int) -> dict:
+    """Train for 2 x `steps` env steps, timing the second half; then recall@k against exact search of the
+    target actions' search (the target actor's proto-actions of 5 fresh minibatches)."""
+    from ddpg import read, write
+    args = parse_args(argv + ["--seed", "1"])
+    setup = build(args)
+    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
+    step = play(setup, memory, args.warmup, args.warmup + steps, 0)
+    start = time.perf_counter()
+    play(setup, memory, args.warmup, steps, step)
+    ms = 1e3 * (time.perf_counter() - start) / steps
+    agent, space, recalls = setup.agent, setup.space, []
+    for _ in range(5):
+        write(agent.batch[3], memory.sample(args.bsize, agent.rng)[3])
+        protos = read(agent._target_proto(agent.batch[3]))
+        found, truth = space.search(protos, setup.k), space.exact_search(np.clip(protos, -1, 1), setup.k)
+        recalls += [len(set(a) & set(b)) / setup.k for a, b in zip(found, truth)]
+    row = {"flags": argv, "ms_per_step": ms, "steps_timed": steps, "target_search_recall": float(np.mean(recalls))}
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
@@ -204,8 +277,12 @@ def main() -> None:
                     help="noise-free episodes played with each seed's final weights after training (0: none)")
     lp.add_argument("--summarize", action="store_true", help="skip training: summarise the runs already in --out")
     lp.add_argument("main_flags", nargs="*", help="after --: further main.py flags, e.g. -- --max-actions 200000")
+    kp = sub.add_parser("knn", help="k-NN methods over 1M embedded items: speed, recall, index build and reload")
+    kp.add_argument("--items", type=int, default=1_000_000)
+    kp.add_argument("--out", default="bench_knn.json")
+    kp.add_argument("--steps", type=int, default=300, help="timed env steps of the training rows (after as many)")
     opts = p.parse_args()
-    (learn if opts.command == "learn" else speed)(opts)
+    {"learn": learn, "knn": knn}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":
