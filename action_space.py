@@ -172,7 +172,7 @@ class EmbeddingActionSpace(ActionSpace):
     """
 
     def __init__(self, embeddings: np.ndarray, start: int = 0, knn: str = "auto", flann_checks: int = 0,
-                 ivf_probes: int = 8):
+                 ivf_probes: int = 32):
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2:
             raise ValueError(f"action embeddings must be a 2-D array (items x dimensions), got shape {embeddings.shape}")
