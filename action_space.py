@@ -175,7 +175,8 @@ class EmbeddingActionSpace(ActionSpace):
                  ivf_probes: int = 32):
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2:
-            raise ValueError(f"action embeddings must be a 2-D array (items x dimensions), got shape {embeddings.shape}")
+            raise ValueError(f"action embeddings must be a 2-D array (items x dimensions), not of shape "
+                             f"{embeddings.shape}")
         if embeddings.shape[1] == 0:
             raise ValueError("action embeddings have 0 dimensions")
         if not np.issubdtype(embeddings.dtype, np.number) or np.iscomplexobj(embeddings):
@@ -184,7 +185,8 @@ class EmbeddingActionSpace(ActionSpace):
             raise ValueError(f"action embeddings hold {np.size(embeddings) - np.isfinite(embeddings).sum()} "
                              "NaN or infinite values")
         if knn not in EMBEDDING_KNN:
-            raise ValueError(f"--knn {knn} does not apply to action embeddings; choose one of {', '.join(EMBEDDING_KNN)}")
+            raise ValueError(f"--knn {knn} does not apply to action embeddings; choose one of "
+                             f"{', '.join(EMBEDDING_KNN)}")
         if flann_checks < 0 or ivf_probes < 1:
             raise ValueError("--flann-checks must be at least 0 (0: automatic) and --ivf-probes at least 1")
         self.n, self.dim = embeddings.shape
@@ -242,6 +244,9 @@ class EmbeddingActionSpace(ActionSpace):
             self._index = self._build_flann() if self.knn == "flann" else IVFIndex.build(self.vectors)
         return self._index
 
+    def index_file_name(self) -> str:
+        return "knn_index.flann" if self.knn == "flann" else "knn_index.npz"
+
     def _build_flann(self):
         import pyflann
         flann = pyflann.FLANN()
@@ -249,8 +254,8 @@ class EmbeddingActionSpace(ActionSpace):
         return flann
 
     def _flann_search(self, protos: np.ndarray, k: int) -> np.ndarray:
-        # FLANN's default of 32 checks cannot even collect k > 32 items; 10 k gave recall 0.98 at k = 100 (tests)
-        checks = self.flann_checks or max(256, 10 * k)
+        # fewer checks than k cannot even collect k items (FLANN's default is 32); 10 k gave recall 0.98 at k = 100
+        checks = max(self.flann_checks, k) if self.flann_checks else max(256, 10 * k)
         ids, _ = self.index().nn_index(protos, k, checks=checks)
         return np.asarray(ids, np.int64).reshape(len(protos), k)
 
@@ -263,13 +268,12 @@ class EmbeddingActionSpace(ActionSpace):
         reused, start = self._index is not None, time.perf_counter()
         self.index()
         built = "" if reused else f"built in {time.perf_counter() - start:.1f} s, "
-        index_file = folder / ("knn_index.flann" if self.knn == "flann" else "knn_index.npz")
+        index_file = folder / self.index_file_name()
         if self.knn == "flann":
             write_atomically(index_file, lambda tmp: self.index().save_index(str(tmp).encode()))
         else:
             write_atomically(index_file, lambda tmp: self.index().save(tmp))
-        meta = {**self.index_params(), "checksum": self.checksum(), "file": index_file.name,
-                "file_sha256": file_sha256(index_file)}
+        meta = {**self.index_params(), "checksum": self.checksum(), "file_sha256": file_sha256(index_file)}
         write_atomically(folder / INDEX_META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
         return f"k-NN index ({self.knn}) {built}saved in {folder}"
 
@@ -285,11 +289,12 @@ class EmbeddingActionSpace(ActionSpace):
             return f"the k-NN index in {folder} was built for other embeddings or settings (checksum mismatch); " \
                    "rebuilding it"
         start = time.perf_counter()
-        index_file = folder / str(meta.get("file"))
+        index_file = folder / self.index_file_name()
         if not index_file.is_file() or file_sha256(index_file) != meta.get("file_sha256"):
             return f"the k-NN index file in {folder} is missing or damaged; rebuilding it"
         try:
-            self._index = self._load_flann(index_file) if self.knn == "flann" else IVFIndex.load(index_file, self.vectors)
+            self._index = self._load_flann(index_file) if self.knn == "flann" else \
+                IVFIndex.load(index_file, self.vectors)
         except Exception as e:  # a damaged file fails in many ways inside FLANN or numpy
             self._index = None
             return f"cannot read the k-NN index in {folder} ({type(e).__name__}); rebuilding it"
@@ -327,7 +332,8 @@ def file_sha256(path: Path) -> str:
 
 
 def ivf_lists(n: int) -> int:
-    """Number of k-means lists of the IVF index: about sqrt(n), so a list holds about as many items as there are lists."""
+    """Number of k-means lists of the IVF index: about sqrt(n), so a list holds about as many items as there are
+    lists."""
     return max(1, round(math.sqrt(n)))
 
 

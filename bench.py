@@ -214,7 +214,8 @@ def knn(opts: argparse.Namespace) -> None:
         queries = np.clip(exact.vectors[rng.integers(0, opts.items, 64)] + rng.normal(0, 0.05, (64, 16)), -1, 1)
         truth, exact_ms = timed(lambda: exact.search(queries, 1000))
         rows = {"exact": {"ms": exact_ms, "recall": 1.0}}
-        for method, knob, values in (("ivf", "ivf_probes", (3, 4, 8, 16, 32, 64)), ("flann", "flann_checks", (0, 40000))):
+        for method, knob, values in (("ivf", "ivf_probes", (3, 4, 8, 16, 32, 64)),
+                                     ("flann", "flann_checks", (0, 40000))):
             space = EmbeddingActionSpace(embeddings, knn=method)
             _, build_ms = timed(space.index)
             with tempfile.TemporaryDirectory() as folder:

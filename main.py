@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="N x d embeddings of a Discrete(N) env's actions (wins over the env's action_embeddings)")
     p.add_argument("--flann-checks", type=int, default=0,
                    help="--knn flann over embeddings: kd-tree leaves checked per query, FLANN's accuracy knob "
-                        "(0: max(256, 10 k))")
+                        "(0: max(256, 10 k); at least k)")
     p.add_argument("--ivf-probes", type=int, default=32,
                    help="--knn ivf: nearest lists scanned per query (of about sqrt(N) lists)")
     p.add_argument("--scoring", default="factored", choices=("factored", "full"),

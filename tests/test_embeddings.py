@@ -88,12 +88,13 @@ def test_index_is_saved_with_a_checksum_and_reused(knn, tmp_path):
     again = EmbeddingActionSpace(emb, knn=knn)
     assert again.load_index(tmp_path).startswith("k-NN index reused")
     np.testing.assert_array_equal(np.sort(again.search(protos, 30), 1), np.sort(space.search(protos, 30), 1))
-    assert "saved in" in again.save_index(tmp_path / "..") and "built" not in again.save_index(tmp_path)
+    (copy := tmp_path / "copy").mkdir()
+    assert again.save_index(copy) == f"k-NN index ({knn}) saved in {copy}"   # reused: not built again
     shifted = EmbeddingActionSpace(emb * 1.5 + 2, knn=knn)   # the same normalised embedding: the same index
     assert shifted.load_index(tmp_path).startswith("k-NN index reused")
     other = EmbeddingActionSpace(emb[::-1], knn=knn)          # other items' order: rebuilt
     assert "checksum mismatch" in other.load_index(tmp_path) and other._index is None
-    index_file = tmp_path / meta["file"]
+    index_file = tmp_path / space.index_file_name()
     index_file.write_bytes(index_file.read_bytes()[:100])
     assert "missing or damaged" in EmbeddingActionSpace(emb, knn=knn).load_index(tmp_path)
     assert "no k-NN index" in EmbeddingActionSpace(emb, knn=knn).load_index(tmp_path / "elsewhere")
