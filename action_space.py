@@ -10,12 +10,19 @@ exceed int64; its k-NN enumerates the k nearest points, never the grid.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from util import write_atomically
+
+INDEX_META = "knn_index.json"  # beside the index file in a run folder: method, parameters, checksums
 KNN_METHODS = ("auto", "lattice", "flann")
 FLANN_MAX_ACTIONS = 10 ** 7  # FLANN indexes every action
 
@@ -44,6 +51,16 @@ class ActionSpace:
     def nearest(self, protos: np.ndarray) -> np.ndarray:
         """Id of the action nearest to each proto-action, shape (batch,) + id_shape."""
         return self.search(protos, 1)[:, 0]
+
+    def save_index(self, folder: Path) -> str:
+        """Write the k-NN index, if the action set has one, into a run folder; returns what happened (empty when
+        there is nothing to say)."""
+        return ""
+
+    def load_index(self, folder: Path) -> str:
+        """Reuse the k-NN index that a run folder holds, if it fits this action set; returns what happened
+        (empty when there is nothing to say)."""
+        return ""
 
 
 class GridActionSpace(ActionSpace):
@@ -203,3 +220,257 @@ def _block_lookup(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """For each position of blocks of these sizes laid end to end: its block, and its position in the block."""
     block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
     return block, np.arange(len(block), dtype=np.int32) - np.cumsum((0,) + sizes[:-1], dtype=np.int32)[block]
+
+
+EMBEDDING_KNN = ("auto", "exact", "ivf", "flann")
+EXACT_MAX_ITEMS = 20000        # --knn auto: exact search up to this many items, the IVF index above
+QUERY_BLOCK = 2 ** 24          # exact search: distances held at once (64 MB of float32)
+FLANN_TREES = 4
+
+
+class EmbeddingActionSpace(ActionSpace):
+    """N discrete actions given by an N x d embedding; item i is env action `start + i`.
+
+    The embedding is moved into [-1, 1]^d by one shift and one scale for all dimensions: each dimension is
+    centred on the middle of its range and all are divided by the largest half-range. A single scale keeps
+    the embedding's Euclidean neighbours (per-dimension scaling would change which items are nearest); the
+    widest dimension spans [-1, 1] exactly, a constant dimension becomes 0.
+
+    k-NN methods (`knn`): "exact" (brute-force distances and a partial sort in numpy), "flann" (FLANN kd-tree,
+    FLANN_TREES trees, `flann_checks` leaves visited per query: the reference's library, approximate), "ivf"
+    (an inverted file: k-means lists, the items stored sorted by list, `ivf_probes` nearest lists scanned
+    exactly; approximate). An index is built on first use, or read back by `load_index` from a run folder.
+    """
+
+    def __init__(self, embeddings: np.ndarray, start: int = 0, knn: str = "auto", flann_checks: int = 0,
+                 ivf_probes: int = 32):
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2:
+            raise ValueError(f"action embeddings must be a 2-D array (items x dimensions), not of shape "
+                             f"{embeddings.shape}")
+        if embeddings.shape[1] == 0:
+            raise ValueError("action embeddings have 0 dimensions")
+        if not np.issubdtype(embeddings.dtype, np.number) or np.iscomplexobj(embeddings):
+            raise ValueError(f"action embeddings must be real numbers, got dtype {embeddings.dtype}")
+        if not np.all(np.isfinite(embeddings)):
+            raise ValueError(f"action embeddings hold {np.size(embeddings) - np.isfinite(embeddings).sum()} "
+                             "NaN or infinite values")
+        if knn not in EMBEDDING_KNN:
+            raise ValueError(f"--knn {knn} does not apply to action embeddings; choose one of "
+                             f"{', '.join(EMBEDDING_KNN)}")
+        if flann_checks < 0 or ivf_probes < 1:
+            raise ValueError("--flann-checks must be at least 0 (0: automatic) and --ivf-probes at least 1")
+        self.n, self.dim = embeddings.shape
+        self.start = start
+        self.vectors = normalize_embeddings(embeddings)
+        self.sq_norms = (self.vectors.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.knn = knn if knn != "auto" else ("exact" if self.n <= EXACT_MAX_ITEMS else "ivf")
+        self.flann_checks, self.ivf_probes = flann_checks, ivf_probes
+        self._index = None
+
+    def points(self, ids: np.ndarray) -> np.ndarray:
+        return self.vectors[np.asarray(ids)]
+
+    def to_env(self, action_id) -> int:
+        return self.start + int(action_id)
+
+    def search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        """Item ids of the k items nearest to each proto-action: (batch, dim) -> (batch, k), nearest first
+        only where the method returns them so (FLANN); the agent's critic does not depend on the order."""
+        if not 1 <= k <= self.n:
+            raise ValueError(f"k = {k} must lie between 1 and the number of actions, {self.n}")
+        protos = np.clip(np.asarray(protos, np.float32).reshape(-1, self.dim), -1.0, 1.0)
+        if self.knn == "exact":
+            return self.exact_search(protos, k)
+        return self._flann_search(protos, k) if self.knn == "flann" else self._ivf_search(protos, k)
+
+    # --- exact search ----------------------------------------------------------------------------------------
+    def exact_search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        """Exact k-NN by brute force: |x|^2 - 2 q.x for every item (|q|^2 does not change the order)."""
+        out = np.empty((len(protos), k), np.int64)
+        rows = max(1, QUERY_BLOCK // self.n)
+        for lo in range(0, len(protos), rows):
+            dist = self.sq_norms[None] - 2 * protos[lo:lo + rows] @ self.vectors.T
+            out[lo:lo + rows] = top_k(dist, k)
+        return out
+
+    # --- indexes ---------------------------------------------------------------------------------------------
+    def index_params(self) -> dict:
+        """What the index depends on besides the embedding (a saved index with other values is rebuilt)."""
+        if self.knn == "flann":
+            return {"method": "flann", "algorithm": "kdtree", "trees": FLANN_TREES}
+        if self.knn == "ivf":
+            return {"method": "ivf", "lists": ivf_lists(self.n)}
+        return {"method": "exact"}
+
+    def checksum(self) -> str:
+        """sha256 of the normalised embedding and the index parameters."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.vectors).tobytes())
+        digest.update(json.dumps(self.index_params(), sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def index(self):
+        """The search index, built on first use: a pyflann.FLANN for "flann", an IVFIndex for "ivf"."""
+        if self._index is None and self.knn != "exact":
+            self._index = self._build_flann() if self.knn == "flann" else IVFIndex.build(self.vectors)
+        return self._index
+
+    def index_file_name(self) -> str:
+        return "knn_index.flann" if self.knn == "flann" else "knn_index.npz"
+
+    def _build_flann(self):
+        import pyflann
+        flann = pyflann.FLANN()
+        flann.build_index(self.vectors, algorithm="kdtree", trees=FLANN_TREES, random_seed=1)
+        return flann
+
+    def _flann_search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        # fewer checks than k cannot even collect k items (FLANN's default is 32); 10 k gave recall 0.98 at k = 100
+        checks = max(self.flann_checks, k) if self.flann_checks else max(256, 10 * k)
+        ids, _ = self.index().nn_index(protos, k, checks=checks)
+        return np.asarray(ids, np.int64).reshape(len(protos), k)
+
+    def _ivf_search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        return self.index().search(protos, k, self.ivf_probes, fallback=self.exact_search)
+
+    def save_index(self, folder: Path) -> str:
+        if self.knn == "exact":
+            return ""
+        reused, start = self._index is not None, time.perf_counter()
+        self.index()
+        built = "" if reused else f"built in {time.perf_counter() - start:.1f} s, "
+        index_file = folder / self.index_file_name()
+        if self.knn == "flann":
+            write_atomically(index_file, lambda tmp: self.index().save_index(str(tmp).encode()))
+        else:
+            write_atomically(index_file, lambda tmp: self.index().save(tmp))
+        meta = {**self.index_params(), "checksum": self.checksum(), "file_sha256": file_sha256(index_file)}
+        write_atomically(folder / INDEX_META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        return f"k-NN index ({self.knn}) {built}saved in {folder}"
+
+    def load_index(self, folder: Path) -> str:
+        if self.knn == "exact":
+            return ""
+        meta_file = folder / INDEX_META
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            return f"{folder} holds no k-NN index; building one"
+        if meta.get("checksum") != self.checksum():
+            return f"the k-NN index in {folder} was built for other embeddings or settings (checksum mismatch); " \
+                   "rebuilding it"
+        start = time.perf_counter()
+        index_file = folder / self.index_file_name()
+        if not index_file.is_file() or file_sha256(index_file) != meta.get("file_sha256"):
+            return f"the k-NN index file in {folder} is missing or damaged; rebuilding it"
+        try:
+            self._index = self._load_flann(index_file) if self.knn == "flann" else \
+                IVFIndex.load(index_file, self.vectors)
+        except Exception as e:  # a damaged file fails in many ways inside FLANN or numpy
+            self._index = None
+            return f"cannot read the k-NN index in {folder} ({type(e).__name__}); rebuilding it"
+        return f"k-NN index reused from {folder} ({time.perf_counter() - start:.2f} s)"
+
+    def _load_flann(self, path: Path):
+        import pyflann
+        flann = pyflann.FLANN()
+        flann.load_index(str(path).encode(), self.vectors)
+        return flann
+
+
+def normalize_embeddings(embeddings: np.ndarray) -> np.ndarray:
+    """float32 copy of an N x d embedding moved into [-1, 1]^d by one shift per dimension and one common scale."""
+    emb = np.asarray(embeddings, np.float64)
+    low, high = emb.min(0), emb.max(0)
+    half_range = (high - low).max() / 2
+    centred = emb - (low + high) / 2
+    return (centred / half_range if half_range > 0 else np.zeros_like(emb)).astype(np.float32)
+
+
+def top_k(dist: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of the k smallest values of each row (in no particular order)."""
+    if k == dist.shape[1]:
+        return np.broadcast_to(np.arange(k), dist.shape).copy()
+    return np.argpartition(dist, k - 1, axis=1)[:, :k]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ivf_lists(n: int) -> int:
+    """Number of k-means lists of the IVF index: about sqrt(n), so a list holds about as many items as there are
+    lists."""
+    return max(1, round(math.sqrt(n)))
+
+
+class IVFIndex:
+    """Inverted file: items grouped by their nearest k-means centroid and stored sorted by list, so a list is one
+    contiguous slice. A query scans the items of its `probes` nearest lists exactly."""
+
+    def __init__(self, centroids: np.ndarray, order: np.ndarray, offsets: np.ndarray, vectors: np.ndarray):
+        self.centroids, self.order, self.offsets = centroids, order, offsets
+        self.centroid_sq = (centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.sorted_vectors = vectors[order]
+        self.sorted_sq = (self.sorted_vectors.astype(np.float64) ** 2).sum(1).astype(np.float32)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, iterations: int = 10, sample_per_list: int = 64) -> IVFIndex:
+        """k-means (Lloyd, on a sample of `sample_per_list` items per list, seeded) and every item's list."""
+        rng = np.random.default_rng(0)
+        n_lists = ivf_lists(len(vectors))
+        sample = vectors[rng.choice(len(vectors), min(len(vectors), n_lists * sample_per_list), replace=False)]
+        centroids = sample[rng.choice(len(sample), n_lists, replace=False)].copy()
+        for _ in range(iterations):
+            assign = nearest_centroid(sample, centroids)
+            counts = np.bincount(assign, minlength=n_lists)
+            sums = np.stack([np.bincount(assign, sample[:, j], minlength=n_lists) for j in range(sample.shape[1])], 1)
+            filled = counts > 0  # an empty list keeps its centroid
+            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        assign = nearest_centroid(vectors, centroids)
+        order = np.argsort(assign, kind="stable")
+        offsets = np.searchsorted(assign[order], np.arange(n_lists + 1))
+        return cls(centroids, order, offsets, vectors)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, centroids=self.centroids, order=self.order, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path: Path, vectors: np.ndarray) -> IVFIndex:
+        with np.load(path) as saved:
+            return cls(saved["centroids"], saved["order"], saved["offsets"], vectors)
+
+    def search(self, protos: np.ndarray, k: int, probes: int, fallback) -> np.ndarray:
+        """Ids of the k nearest items among those of each query's nearest lists (`probes` of them, or more where
+        k needs more); a query whose lists hold fewer than k items is answered by `fallback(protos, k)`."""
+        # lists for about 2k items at least: lists vary in size, and a query whose lists hold fewer than k items
+        # falls back to the exact search (1M items, k = 1000: 2 lists fell back often, 3 seldom)
+        probes = min(max(probes, math.ceil(2 * k * len(self.centroids) / len(self.order)) + 1), len(self.centroids))
+        lists = top_k(self.centroid_sq[None] - 2 * protos @ self.centroids.T, probes)      # (B, P)
+        starts, ends = self.offsets[lists], self.offsets[lists + 1]
+        totals = (ends - starts).sum(1)
+        # each row: the distances to the items of the query's lists, then padding at infinite distance
+        dist = np.full((len(protos), max(int(totals.max()), k)), np.inf, np.float32)
+        candidates = np.zeros(dist.shape, np.int64)
+        for b, query in enumerate(protos):  # a list is a contiguous slice: a small product, no gather of rows
+            column = 0
+            for lo, hi in zip(starts[b].tolist(), ends[b].tolist()):
+                dist[b, column:column + hi - lo] = self.sorted_sq[lo:hi] - 2 * (self.sorted_vectors[lo:hi] @ query)
+                candidates[b, column:column + hi - lo] = self.order[lo:hi]
+                column += hi - lo
+        ids = np.take_along_axis(candidates, top_k(dist, k), 1)
+        short = totals < k
+        if short.any():
+            ids[short] = fallback(protos[short], k)
+        return ids
+
+
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray, block: int = 65536) -> np.ndarray:
+    sq = (centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    return np.concatenate([np.argmin(sq[None] - 2 * vectors[lo:lo + block] @ centroids.T, 1)
+                           for lo in range(0, len(vectors), block)])

@@ -6,6 +6,7 @@
     python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
     python bench.py flush                                       # cost of flushing subnormals, and of not
     python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
+    python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -31,10 +32,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from main import build, parse_args, run_episode  # first: it sets runtime options that numpy reads on import
 
-from ddpg import FLUSH_BELOW, write
-from main import build, parse_args, run_episode
+import numpy as np  # noqa: E402
+
+from ddpg import FLUSH_BELOW, write  # noqa: E402
 from memory import ReplayMemory
 from util import env_folder_name, plot_seed_band, read_metrics
 
@@ -47,12 +49,15 @@ CONFIGS = {
     "MultiBinary(40), 2^40 actions, k=10485": ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--k", "10485"],
     "Box d=3, 195112 actions, k=2000": ["--env", "tests.toy_envs:ContextToy-box3-v0", "--k", "2000"],
     "Box d=3, 195112 actions, default k (19511)": ["--env", "tests.toy_envs:ContextToy-box3-v0"],
+    # 1,000,000 items with clustered 16-d embeddings; fast: --knn auto (IVF), plain: FLANN and the full critic
+    "1M embedded items, k=1000": ["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000"],
 }
+DEFAULT_CONFIGS = ["CartPole", "Pendulum"]  # without --only: 20,000 updates of the others take hours on 2 cores
 PLAIN_FLAGS = ["--knn", "flann", "--scoring", "full"]  # the reference's way: FLANN, the whole critic per candidate
 # timed plain-path steps; a configuration missing here has no plain path (FLANN cannot index 2^40 actions)
 PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3,
                "MultiBinary(20), 1048576 actions, k=10485": 2, "Box d=3, 195112 actions, k=2000": 5,
-               "Box d=3, 195112 actions, default k (19511)": 2}
+               "Box d=3, 195112 actions, default k (19511)": 2, "1M embedded items, k=1000": 3}
 
 
 def cpu_model() -> str:
@@ -132,7 +137,7 @@ def speed(opts: argparse.Namespace) -> None:
     results = {"cpu": cpu_model(), "machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}",
                "fast_path_beam": opts.beam, "updates_before_steady": opts.updates, "configs": {}}
     for name, argv in CONFIGS.items():
-        if opts.only and not any(word.lower() in name.lower() for word in opts.only):
+        if not any(word.lower() in name.lower() for word in opts.only or DEFAULT_CONFIGS):
             continue
         beam = ["--beam", str(opts.beam)] if opts.beam else []
         row = measure(argv + beam, PLAIN_FLAGS, opts.early_steps, opts.updates, opts.steps,
@@ -301,6 +306,74 @@ def timeline(opts: argparse.Namespace) -> None:
     fig.tight_layout()
     write_atomically(run / "step_time.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     print(f"wrote {run / 'step_time.png'}")
+def knn(opts: argparse.Namespace) -> None:
+    """k-NN over --items 16-d embeddings (clustered as the 1M toy env's, and uniform in [-1, 1]^16), 64 queries
+    (items plus noise), k = 1000: ms per search and recall@k against exact search; index build, save, reload."""
+    import tempfile
+
+    from action_space import EmbeddingActionSpace
+    from tests.toy_envs import EmbeddedItemsToy
+    rng = np.random.default_rng(0)
+    sets = {"clustered": EmbeddedItemsToy(opts.items, 16, clusters=1000).action_embeddings,
+            "uniform": rng.uniform(-1, 1, (opts.items, 16)).astype(np.float32)}
+    results = {"machine": cpu_model(), "items": opts.items, "k": 1000, "queries": 64, "sets": {}}
+
+    def timed(f, repeats=1):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = f()
+        return out, 1e3 * (time.perf_counter() - start) / repeats
+
+    for name, embeddings in sets.items():
+        exact = EmbeddingActionSpace(embeddings, knn="exact")
+        queries = np.clip(exact.vectors[rng.integers(0, opts.items, 64)] + rng.normal(0, 0.05, (64, 16)), -1, 1)
+        truth, exact_ms = timed(lambda: exact.search(queries, 1000))
+        rows = {"exact": {"ms": exact_ms, "recall": 1.0}}
+        for method, knob, values in (("ivf", "ivf_probes", (3, 4, 8, 16, 32, 64)),
+                                     ("flann", "flann_checks", (0, 40000))):
+            space = EmbeddingActionSpace(embeddings, knn=method)
+            _, build_ms = timed(space.index)
+            with tempfile.TemporaryDirectory() as folder:
+                _, save_ms = timed(lambda: space.save_index(Path(folder)))
+                again = EmbeddingActionSpace(embeddings, knn=method)
+                _, reload_ms = timed(lambda: again.load_index(Path(folder)))
+            rows[f"{method} index"] = {"build_s": build_ms / 1e3, "save_s": save_ms / 1e3, "reload_s": reload_ms / 1e3}
+            for value in values:
+                setattr(again, knob, value)
+                again.search(queries, 1000)
+                found, ms = timed(lambda: again.search(queries, 1000), 3)
+                recall = np.mean([len(set(a) & set(b)) / 1000 for a, b in zip(found, truth)])
+                rows[f"{method} {knob}={value}"] = {"ms": ms, "recall": float(recall)}
+                print(f"{name}: {method} {knob}={value}: {ms:.1f} ms, recall {recall:.3f}", flush=True)
+        results["sets"][name] = rows
+        print(json.dumps(rows, indent=1), flush=True)
+    results["training"] = {probes: training_search(["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000",
+                                                    "--ivf-probes", str(probes)], opts.steps)
+                           for probes in (8, 32)}
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
+
+
+def training_search(argv: list[str], steps: int) -> dict:
+    """Train for 2 x `steps` env steps, timing the second half; then recall@k against exact search of the
+    target actions' search (the target actor's proto-actions of 5 fresh minibatches)."""
+    from ddpg import read, write
+    args = parse_args(argv + ["--seed", "1"])
+    setup = build(args)
+    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
+    step = play(setup, memory, args.warmup, args.warmup + steps, 0)
+    start = time.perf_counter()
+    play(setup, memory, args.warmup, steps, step)
+    ms = 1e3 * (time.perf_counter() - start) / steps
+    agent, space, recalls = setup.agent, setup.space, []
+    for _ in range(5):
+        write(agent.batch[3], memory.sample(args.bsize, agent.rng)[3])
+        protos = read(agent._target_proto(agent.batch[3]))
+        found, truth = space.search(protos, setup.k), space.exact_search(np.clip(protos, -1, 1), setup.k)
+        recalls += [len(set(a) & set(b)) / setup.k for a, b in zip(found, truth)]
+    row = {"flags": argv, "ms_per_step": ms, "steps_timed": steps, "target_search_recall": float(np.mean(recalls))}
+    print(row, flush=True)
+    return row
 
 
 def main() -> None:
@@ -312,7 +385,8 @@ def main() -> None:
         parser.add_argument("--early-steps", type=int, default=500, help="timed env steps right after warm-up")
         parser.add_argument("--updates", type=int, default=20000, help="training updates before the steady-state timing")
         parser.add_argument("--no-plain", dest="plain", action="store_false", help="time the fast path only")
-        parser.add_argument("--only", nargs="*", default=[], help="configurations whose name contains one of these")
+        parser.add_argument("--only", nargs="*", default=[],
+                            help="configurations whose name contains one of these (default: CartPole and Pendulum)")
         parser.add_argument("--out", default="bench_results.json")
         parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
     lp = sub.add_parser("learn", help="reward curves of several seeds trained in parallel")
@@ -333,8 +407,12 @@ def main() -> None:
     tp.add_argument("run", help="a run folder (holds metrics.csv)")
     tp.add_argument("--ranges", nargs="*", default=[], help="episode ranges to report, e.g. 3-8 31-40")
     tp.add_argument("--windows", type=int, default=10, help="also report this many equal windows of episodes")
+    kp = sub.add_parser("knn", help="k-NN methods over 1M embedded items: speed, recall, index build and reload")
+    kp.add_argument("--items", type=int, default=1_000_000)
+    kp.add_argument("--out", default="bench_knn.json")
+    kp.add_argument("--steps", type=int, default=300, help="timed env steps of the training rows (after as many)")
     opts = p.parse_args()
-    {"learn": learn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

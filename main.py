@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
+# numpy's OpenBLAS threads busy-wait for work and contend with tinygrad's runtime thread for the cores; the small
+# products of the k-NN searches ran far slower threaded (64 x 16 times 16 x 1000: 49 ms against 0.07 ms on the
+# 2-core machine while busy). Read once, when numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:  # heavy imports wait until the arguments are known good
     import gymnasium as gym
@@ -92,8 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_K_CAP} for actions of more than one dimension; the reference used max(1, ...), "
                         "which leaves the critic no choice below 20 actions (--k 1 restores it there)")
     p.add_argument("--k", type=int, default=None, help="number of neighbours (overrides --k-ratio)")
-    p.add_argument("--knn", default="auto", choices=("auto", "lattice", "flann"),
-                   help="auto/lattice: exact search on the grid; flann: the reference's FLANN kd-tree")
+    p.add_argument("--knn", default="auto", choices=("auto", "lattice", "exact", "ivf", "flann"),
+                   help="grids: auto/lattice (exact search on the grid) or flann (the reference's FLANN kd-tree); "
+                        "action embeddings: exact (brute force), ivf (inverted file, approximate), flann, or auto "
+                        "(exact up to 20000 items, ivf above)")
+    p.add_argument("--action-embeddings", default=None, metavar="FILE.npy",
+                   help="N x d embeddings of a Discrete(N) env's actions (wins over the env's action_embeddings)")
+    p.add_argument("--flann-checks", type=int, default=0,
+                   help="--knn flann over embeddings: kd-tree leaves checked per query, FLANN's accuracy knob "
+                        "(0: max(256, 10 k); at least k)")
+    p.add_argument("--ivf-probes", type=int, default=32,
+                   help="--knn ivf: nearest lists scanned per query (of about sqrt(N) lists)")
     p.add_argument("--scoring", default="factored", choices=("factored", "full"),
                    help="full: run the whole critic per candidate, as the reference did (same numbers, slower)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate without noise every N episodes (0: never)")
@@ -187,7 +201,8 @@ RANGES = {
     "rmsize": Range(1), "tau_update": Range(0, 1, low_open=True), "ou_theta": Range(0), "ou_sigma": Range(0),
     "ou_mu": Range(), "init_w": Range(0, low_open=True), "epsilon": Range(1), "random_candidate": Range(0, 1),
     "seed": Range(), "save_per_epochs": Range(1), "k_ratio": Range(0, 1), "k": Range(1),
-    "eval_every": Range(0), "eval_episodes": Range(1), "beam": Range(0),
+    "eval_every": Range(0), "eval_episodes": Range(1), "beam": Range(0), "flann_checks": Range(0),
+    "ivf_probes": Range(1),
 }
 
 
@@ -312,6 +327,39 @@ def make_env(env_id: str, kwargs: dict | None = None) -> gym.Env:
     return gym.wrappers.TransformObservation(flat, lambda obs: obs.astype(np.float32), box)
 
 
+def load_action_embeddings(env: gym.Env, args: argparse.Namespace) -> np.ndarray | None:
+    """The actions' embeddings: the --action-embeddings file, else the env's `action_embeddings`, else None."""
+    if args.action_embeddings is None:
+        return getattr(env.unwrapped, "action_embeddings", None)
+    try:
+        embeddings = np.load(args.action_embeddings, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: {e.strerror or 'cannot read it'}") from None
+    except ValueError:
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: not a .npy array file") from None
+    if not isinstance(embeddings, np.ndarray):  # an .npz archive
+        raise UsageError(f"--action-embeddings {args.action_embeddings}: not a single .npy array")
+    return embeddings
+
+
+def make_embedding_space(env_id: str, act: gym.Space, embeddings, args: argparse.Namespace) -> ActionSpace:
+    """An EmbeddingActionSpace over a Discrete env's actions; says which search --knn auto picked."""
+    import gymnasium as gym
+
+    from action_space import EXACT_MAX_ITEMS, EmbeddingActionSpace
+    if not isinstance(act, gym.spaces.Discrete):
+        raise UsageError(f"{env_id}: action embeddings need a Discrete action space, not {type(act).__name__}")
+    try:
+        space = EmbeddingActionSpace(embeddings, int(act.start), args.knn, args.flann_checks, args.ivf_probes)
+    except ValueError as e:
+        raise UsageError(f"{env_id}: {e}") from None
+    if space.n != act.n:
+        raise UsageError(f"{env_id}: {space.n} action embeddings for {act.n} actions")
+    if args.knn == "auto":
+        print(f"--knn auto: {space.knn} search over {space.n} items (exact up to {EXACT_MAX_ITEMS} items)")
+    return space
+
+
 def make_action_space(env_id: str, act: gym.Space, args: argparse.Namespace) -> ActionSpace:
     """The agent's action set for an env's action space; raises UsageError for one it cannot take."""
     import gymnasium as gym
@@ -366,7 +414,9 @@ def build(args: argparse.Namespace) -> Setup:
     env = make_env(env_id, env_kwargs)
     if args.tau_update is None:
         args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
-    space = make_action_space(env_id, env.action_space, args)
+    embeddings = load_action_embeddings(env, args)
+    space = make_action_space(env_id, env.action_space, args) if embeddings is None else \
+        make_embedding_space(env_id, env.action_space, embeddings, args)
     k = args.k if args.k is not None else default_k(space, args.k_ratio)
 
     seeded = args.seed > 0
@@ -386,6 +436,8 @@ def build(args: argparse.Namespace) -> Setup:
             agent.load(load_folder(args))
         except ValueError as e:
             raise UsageError(f"cannot load weights: {e}") from None
+        if message := space.load_index(load_folder(args)):
+            print(message)
     return Setup(env_id, env, make_env(env_id, env_kwargs), space, agent, k)
 
 
@@ -651,6 +703,8 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}" + ("" if resume is None else f", continuing {resume.parent}"))
+    if args.mode == "train" and (message := setup.space.save_index(run_dir)):
+        print(message)
     if stop is None:
         test(args, setup, run_dir)
         return 0

@@ -6,8 +6,10 @@ import pytest
 from action_space import GridActionSpace
 
 
-def every_id(space: GridActionSpace) -> np.ndarray:
-    """All action ids of a small grid, in flat (C) order."""
+def every_id(space) -> np.ndarray:
+    """All action ids of a small grid, in flat (C) order (of an embedding action set: its item numbers)."""
+    if not isinstance(space, GridActionSpace):
+        return np.arange(space.n)
     ids = np.stack(np.unravel_index(np.arange(space.n), space.counts), axis=-1)
     return ids[:, 0] if space.dim == 1 else ids
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from tinygrad import Tensor
 
-from action_space import GridActionSpace
+from action_space import EmbeddingActionSpace, GridActionSpace
 from ddpg import DDPGConfig, read, write
 from memory import ReplayMemory
 from tests.test_action_space import every_id, flat
@@ -55,6 +55,7 @@ CASES = {
     # k = 1 (the reference's k on CartPole, --k 1): the nearest action, which needs no critic
     "discrete-k1": dict(space=lambda: GridActionSpace.discrete(2), k=1),
     "2d-k1": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=1),
+    "embedding": dict(space=lambda: EmbeddingActionSpace(np.random.default_rng(5).normal(size=(300, 4))), k=20),
 }
 
 

@@ -1,7 +1,8 @@
 """Small gymnasium envs for the tests and the speed benchmark.
 
 TupleToy has an action space the agent does not support; ObservationToy observes any observation space by
-name; NaNAfterToy starts returning NaN observations. ContextToy observes a random context and rewards an
+name; NaNAfterToy starts returning NaN observations; EmbeddedItemsToy is a Discrete env whose actions carry
+embeddings. ContextToy observes a random context and rewards an
 action by how well it matches a hidden function of that context, with a MultiBinary (n bits) or a
 d-dimensional Box action space: enough to train on, and cheap to step.
 """
@@ -112,3 +113,43 @@ gym.register("TupleToy-v0", entry_point=TupleToy)
 for _kind, _size in (("binary", 6), ("binary", 20), ("binary", 40), ("box", 3)):
     gym.register(f"ContextToy-{_kind}{_size}-v0", entry_point=ContextToy, kwargs={"kind": _kind, "size": _size},
                  max_episode_steps=50)
+
+
+class EmbeddedItemsToy(gym.Env):
+    """n_items items with d-dimensional embeddings (seeded by `world_seed`): standard normal, or with `clusters` > 0
+    a mixture of that many clusters (centres uniform in [-1, 1]^d, spread 0.2 per dimension), as learnt item
+    embeddings have structure. The observation is a target point (the embedding of a random item plus noise), and
+    choosing an item pays minus its embedding's distance to the target. Episodes last `length` steps."""
+
+    def __init__(self, n_items: int = 300, d: int = 3, length: int = 20, world_seed: int = 0, clusters: int = 0):
+        rng = np.random.default_rng(world_seed)
+        self.action_space = gym.spaces.Discrete(n_items)
+        if clusters:
+            centres = rng.uniform(-1, 1, (clusters, d)).astype(np.float32)
+            noise = rng.standard_normal((n_items, d), np.float32)
+            self.action_embeddings = centres[rng.integers(0, clusters, n_items)] + 0.2 * noise
+        else:
+            self.action_embeddings = rng.standard_normal((n_items, d), np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (d,), np.float32)
+        self.length = length
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._new_target(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        reward = -float(np.linalg.norm(self.action_embeddings[action] - self.target))
+        self.t += 1
+        return self._new_target(), reward, False, self.t >= self.length, {}
+
+    def _new_target(self) -> np.ndarray:
+        item = self.action_embeddings[self.np_random.integers(len(self.action_embeddings))]
+        self.target = (item + 0.1 * self.np_random.normal(size=item.shape)).astype(np.float32)
+        return self.target.copy()
+
+
+gym.register("EmbeddedItemsToy-v0", entry_point=EmbeddedItemsToy)
+gym.register("EmbeddedItems1M-v0", entry_point=EmbeddedItemsToy,
+             kwargs=dict(n_items=1_000_000, d=16, length=200, clusters=1000))
