@@ -136,10 +136,11 @@ def trial(config: dict, opts: argparse.Namespace) -> None:
         test_return = float(np.mean(read_metrics(test_run / "metrics.csv")["return"]))
     evals = read_metrics(train_run / "metrics.csv")["eval_return"]
     evals = evals[~np.isnan(evals)]
-    context = ray.get_runtime_context()
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
     tune.report({"final_eval": float(evals[-1]) if len(evals) else float("nan"), "test_return": test_return,
-                 "train_run": str(train_run), "test_run": str(test_run or ""), "node_id": context.get_node_id(),
-                 "node_ip": ray.util.get_node_ip_address(), "hostname": os.uname().nodename})
+                 "train_run": str(train_run), "test_run": str(test_run or ""), "node_id": node_id,
+                 "node_ip": node_ip, "hostname": os.uname().nodename})
 
 
 def start_ray(opts: argparse.Namespace) -> None:
