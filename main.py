@@ -274,11 +274,11 @@ def progress(total: int):
 
 def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     from memory import ReplayMemory
-    from util import RunLog, plot_runs
+    from util import RunLog, TensorBoardLog, plot_runs
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
-    log = RunLog(run_dir, "train", vars(args))
+    log, board = RunLog(run_dir, "train", vars(args)), TensorBoardLog(run_dir)
     title = f"{setup.env_id}: {setup.space.n} actions, k = {setup.k}"
     seed = args.seed if args.seed > 0 else None
     if seed is not None:
@@ -301,6 +301,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
             eval_ret = evaluate(setup, args.eval_episodes, args.max_episode_length) \
                 if args.eval_every > 0 and episode % args.eval_every == 0 else None
             log.episode(episode, step, ret, time.time() - start, eval_ret)
+            board.episode(episode, step, ret, time.time() - start, eval_ret, agent.update_means(),
+                          max(agent.epsilon, 0.0))
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret
                 agent.save(run_dir / "best")
@@ -316,6 +318,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> None:
     if interrupted or episode % args.save_per_epochs != 0:  # else the last episode's save holds everything
         save(episode + 1)
     log.close()
+    board.close()
     print(f"trained {episode} episodes, {step} env steps in {time.time() - start:.0f} s; "
           f"log, metrics, weights and plot in {run_dir}")
 

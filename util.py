@@ -110,6 +110,32 @@ class RunLog:
         self._csv_file.close()
 
 
+class TensorBoardLog:
+    """TensorBoard scalars of a training run in its folder (tensorboardX), one point per episode."""
+
+    def __init__(self, run_dir: Path):
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(str(run_dir), flush_secs=10)
+        self._last = (0, 0.0)  # env steps and wall seconds at the end of the previous episode
+
+    def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None,
+                update_means: np.ndarray | None, exploration: float) -> None:
+        """update_means: mean (critic loss, actor loss, mean Q) over the episode's updates, None before any."""
+        scalars = {"train/return": ret, "train/exploration_scale": exploration}
+        if eval_return is not None:
+            scalars["eval/mean_return"] = eval_return
+        if update_means is not None:
+            scalars.update(zip(("loss/critic", "loss/actor", "train/mean_q"), map(float, update_means)))
+        if wall_seconds > self._last[1]:  # evaluation time included, as in metrics.csv
+            scalars["time/env_steps_per_second"] = (env_steps - self._last[0]) / (wall_seconds - self._last[1])
+        self._last = (env_steps, wall_seconds)
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, episode)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def read_metrics(csv_path: Path) -> dict[str, np.ndarray]:
     """Columns of a metrics CSV as float arrays (missing evaluation entries are NaN)."""
     with open(csv_path, newline="") as f:
