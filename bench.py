@@ -23,13 +23,11 @@ the CPU model and the number of subnormal floats left in the training state afte
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from main import build, parse_args, run_episode  # first: it sets runtime options that numpy reads on import
@@ -159,70 +157,41 @@ def speed(opts: argparse.Namespace) -> None:
     print(f"\nwrote {opts.out}")
 
 
-# Learning: the reference's published bucket means (first episode, last episode, mean return)
-REFERENCE_CURVES = {
-    "Pendulum-v0": [(1, 100, -900.0), (101, 200, -278.0), (201, 300, -137.0), (800, 1000, -100.0)],
-    "CartPole-v1": [(1, 400, 12.0), (548, 548, 500.0)],
-}
-
-
-def run_main(argv: list[str], output: Path) -> Path:
-    """Run main.py in its own process with `--output output`; returns the run folder it made."""
-    before = set(output.glob("*-run*"))
-    # HCQ2's host thread spin-waits for the kernels, taking a core that a parallel seed needs (roughly, 4 runs on
-    # 2 cores: 22.6 ms per Pendulum step with it, 18.4 without); the numbers computed are the same
-    env = {**os.environ, "HCQ2": os.environ.get("HCQ2", "0")}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("main.py")), *argv, "--output", str(output)],
-                            capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()[-500:]}")
-    return (set(output.glob("*-run*")) - before).pop()
-
-
-def train_and_test_seed(job: tuple[list[str], Path, int]) -> tuple[Path, Path | None]:
-    """Train one seed, then (test_episodes > 0) play its final weights without noise; returns both run folders."""
-    argv, output, test_episodes = job
-    train_run = run_main(argv, output)
-    if test_episodes <= 0:
-        return train_run, None
-    return train_run, run_main([*argv, "--mode", "test", "--load-model-dir", str(train_run),
-                                "--test-episode", str(test_episodes)], output)
-
-
 def window_mean(values: np.ndarray, first: int, last: int) -> float:
     return float(np.mean(values[first - 1:last])) if len(values) >= last else float("nan")
 
 
 def learn(opts: argparse.Namespace) -> None:
-    """Train --seeds seeds in parallel processes, each then tested with its final weights (--test-episodes);
-    write per-seed runs, summary.json and learning_curve.png."""
+    """Train --seeds seeds through sweep.py (Ray Tune trials, each then tested with its final weights,
+    --test-episodes); write the sweep into <out>/sweep, and per-seed summary.json and learning_curve.png into <out>."""
+    import sweep
     out = Path(opts.out or f"bench_learn/{env_folder_name(opts.env)}")
-    seeds = list(range(1, opts.seeds + 1))
-    jobs = [(["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(s), *opts.main_flags],
-             out / f"seed{s}", opts.test_episodes) for s in seeds]
-    start = time.time()
-    if opts.summarize:  # run1: the training; run2, where present: the test of its final weights
-        runs = [(folder / f"{env_folder_name(opts.env)}-run1", folder / f"{env_folder_name(opts.env)}-run2")
-                for _, folder, _ in jobs]
-        runs = [(train, test if test.is_dir() else None) for train, test in runs]
+    sweep_opts = sweep.parse_args(["--env", opts.env, "--seeds", str(opts.seeds), "--episodes", str(opts.episodes),
+                                   "--test-episodes", str(opts.test_episodes), "--output", str(out / "sweep"),
+                                   "--", *opts.main_flags])
+    if opts.summarize:
+        with open(out / "sweep" / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        wall = None
     else:
-        for _, folder, _ in jobs:
-            if folder.exists():
-                raise SystemExit(f"error: {folder} exists; choose another --out (or --summarize it)")
-            folder.mkdir(parents=True)
-        with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-            runs = list(pool.map(train_and_test_seed, jobs))
-    per_seed = {s: read_metrics(train / "metrics.csv") for s, (train, _) in zip(seeds, runs)}
+        try:
+            result = sweep.sweep(sweep_opts)
+        except sweep.UsageError as e:
+            raise SystemExit(f"error: {e}")
+        rows, wall = result["rows"], result["wall_seconds"]
+    runs = {int(r["seed"]): (Path(r["train_run"]), Path(r["test_run"]) if r["test_run"] else None) for r in rows}
+    seeds = sorted(runs)
+    per_seed = {s: read_metrics(runs[s][0] / "metrics.csv") for s in seeds}
     returns = np.array([m["return"] for m in per_seed.values()])
     evals = np.array([m["eval_return"] for m in per_seed.values()])
     evaluated = ~np.isnan(evals[0])
     episodes = per_seed[seeds[0]]["episode"]
     summary = {"env": opts.env, "episodes": opts.episodes, "seeds": seeds, "main_flags": opts.main_flags,
                "per_seed": {}}
-    if not opts.summarize:
-        summary["wall_seconds_total"] = time.time() - start
+    if wall is not None:
+        summary["wall_seconds_total"] = wall
     for s, m in per_seed.items():
-        ev, (train, test) = m["eval_return"], runs[seeds.index(s)]
+        ev, (train, test) = m["eval_return"], runs[s]
         test_returns = read_metrics(test / "metrics.csv")["return"] if test else np.array([])
         summary["per_seed"][s] = {
             "run": str(train), "wall_seconds": float(m["wall_seconds"][-1]),
@@ -235,8 +204,8 @@ def learn(opts: argparse.Namespace) -> None:
             "final_weights_test_episodes": len(test_returns),
             "final_weights_test_mean": float(np.mean(test_returns)) if test else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_seed_band(episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0),
-                   REFERENCE_CURVES.get(opts.env, []), out / "learning_curve.png",
+    plot_seed_band([("", episodes, returns, episodes[evaluated], evals[:, evaluated].mean(0))],
+                   sweep.reference_curve(opts.env), out / "learning_curve.png",
                    f"{' '.join([opts.env, *opts.main_flags])}: {len(seeds)} seeds")
     print(json.dumps(summary["per_seed"], indent=1))
     print(f"wrote {out / 'summary.json'} and {out / 'learning_curve.png'}")
@@ -389,7 +358,7 @@ def main() -> None:
                             help="configurations whose name contains one of these (default: CartPole and Pendulum)")
         parser.add_argument("--out", default="bench_results.json")
         parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
-    lp = sub.add_parser("learn", help="reward curves of several seeds trained in parallel")
+    lp = sub.add_parser("learn", help="reward curves of several seeds, trained in parallel through sweep.py")
     lp.add_argument("--env", default="CartPole-v1")
     lp.add_argument("--episodes", type=int, default=300)
     lp.add_argument("--seeds", type=int, default=5)

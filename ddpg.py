@@ -159,6 +159,7 @@ class DDPG:
                       realized_zeros(b, state_dim), realized_zeros(b)]
         self.target_inputs: list[Tensor] = []
         self._update = TinyJit(self._update_graph)
+        self._stats_sum, self._stats_count = np.zeros(3, np.float32), 0
 
     # --- exploration -----------------------------------------------------------------------------------------
     def exploration_scale(self) -> float:
@@ -184,23 +185,34 @@ class DDPG:
         q_next = self.critic_target(next_states, next_actions)
         y = (rewards + cfg.gamma * (1 - terminated) * q_next).detach()
         critic_params = self.critic.views()
-        critic_loss = ((self.critic(states, actions, critic_params) - y) ** 2).mean()
-        Tensor.realize(critic_loss, *self.critic_optim.step(critic_loss, critic_params))
+        q = self.critic(states, actions, critic_params)
+        critic_loss, mean_q = ((q - y) ** 2).mean(), q.mean()
+        Tensor.realize(critic_loss, mean_q, *self.critic_optim.step(critic_loss, critic_params))
         # the actor follows the critic just updated, as in the reference
         actor_params = self.actor.views()
         actor_loss = -self.critic(states, self.actor(states, actor_params)).mean()
         Tensor.realize(actor_loss, *self.actor_optim.step(actor_loss, actor_params))
         for target, online in ((self.actor_target, self.actor), (self.critic_target, self.critic)):
             target.flat.assign(flush_tiny(cfg.tau * online.flat + (1 - cfg.tau) * target.flat, cfg.flush_below))
-        return Tensor.stack(critic_loss, actor_loss).realize(self.actor_target.flat, self.critic_target.flat)
+        return Tensor.stack(critic_loss, actor_loss, mean_q).realize(self.actor_target.flat, self.critic_target.flat)
 
     def update(self, memory: ReplayMemory) -> np.ndarray:
-        """One DDPG update on a fresh minibatch; returns (critic loss, actor loss)."""
+        """One DDPG update on a fresh minibatch; returns (critic loss, actor loss, mean Q of the batch before the
+        update), also summed for `update_means`."""
         sample = memory.sample(self.cfg.batch_size, self.rng)
         for buffer, array in zip(self.batch, sample):
             write(buffer, array)
         self._prepare_target_inputs(self.batch[3])
-        return read(self._update(*self.batch, *self.target_inputs))
+        stats = read(self._update(*self.batch, *self.target_inputs))
+        self._stats_sum += stats
+        self._stats_count += 1
+        return stats
+
+    def update_means(self) -> np.ndarray | None:
+        """Mean (critic loss, actor loss, mean Q) over the updates since the last call; None if there were none."""
+        means = self._stats_sum / self._stats_count if self._stats_count else None
+        self._stats_sum, self._stats_count = np.zeros(3, np.float32), 0
+        return means
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def networks(self) -> dict[str, FlatParams]:

@@ -464,7 +464,7 @@ def run_episode(setup: Setup, env: gym.Env, explore: bool, max_steps: int, seed:
             # from a fresh start the second test is the first; resumed without its memory, updates wait until
             # the memory holds `warmup` transitions again
             if step > warmup and len(memory) > min(warmup, memory.capacity - 1):
-                losses = agent.update(memory)
+                losses = agent.update(memory)[:2]  # the critic's and the actor's
                 if not np.isfinite(losses).all():
                     bad = int(np.isfinite(losses[0]))  # 0: the critic's, 1: the actor's
                     raise Diverged(f"the {('critic', 'actor')[bad]} loss is {losses[bad]}")
@@ -519,7 +519,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
     diverged or a file could not be written, with the last complete checkpoint kept."""
     from ddpg import CHECKPOINT
     from memory import ReplayMemory
-    from util import RunLog, plot_runs, read_tensors, save_tensors
+    from util import RunLog, TensorBoardLog, plot_runs, read_tensors, save_tensors
 
     agent = setup.agent
     memory = ReplayMemory(args.rmsize, agent.state_dim, agent.action_dim)
@@ -538,6 +538,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
         if best.is_file() and read_tensors(best, [])[1]["episode"] <= first:  # not one the resumed run replays
             shutil.copytree(best.parent, run_dir / "best")
     log = RunLog(run_dir, "train", arguments, None if parent is None else (parent, first))
+    board = TensorBoardLog(run_dir)
     start = time.time() - wall
     saved_before = None
 
@@ -561,6 +562,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
         bar.close()
         with contextlib.suppress(OSError):  # the log may be what could not be written
             log.close()
+            board.close()
         kept = f"{run_dir / CHECKPOINT} (before Ep:{saved_before})" if saved_before is not None else \
             f"{parent / CHECKPOINT} (before Ep:{first})" if parent is not None else "none was written"
         best = "; best/ untouched" if (run_dir / "best").is_dir() else ""
@@ -595,6 +597,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
                 save(episode, before)
                 break
             log.episode(episode, step, ret, time.time() - start, eval_ret)
+            board.episode(episode, step, ret, time.time() - start, eval_ret, agent.update_means(),
+                          max(agent.epsilon, 0.0))
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret
                 agent.save(run_dir / "best", {"episode": done, "eval_return": eval_ret})
@@ -607,6 +611,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
         if saved_before != episode:  # else the last episode's save holds everything
             save(episode)
         log.close()
+        board.close()
     except Diverged as e:
         return failed(f"training diverged in Ep:{episode}: {e}")
     except OSError as e:  # a full disk, a removed run folder

@@ -192,6 +192,32 @@ def _copy_history(parent: Path, run_dir: Path, log_name: str, episode: int) -> N
         csv.writer(f).writerows([rows[0]] + [row for row in rows[1:] if int(row[0]) <= episode])
 
 
+class TensorBoardLog:
+    """TensorBoard scalars of a training run in its folder (tensorboardX), one point per episode."""
+
+    def __init__(self, run_dir: Path):
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(str(run_dir), flush_secs=10)
+        self._last = (0, 0.0)  # env steps and wall seconds at the end of the previous episode
+
+    def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None,
+                update_means: np.ndarray | None, exploration: float) -> None:
+        """update_means: mean (critic loss, actor loss, mean Q) over the episode's updates, None before any."""
+        scalars = {"train/return": ret, "train/exploration_scale": exploration}
+        if eval_return is not None:
+            scalars["eval/mean_return"] = eval_return
+        if update_means is not None:
+            scalars.update(zip(("loss/critic", "loss/actor", "train/mean_q"), map(float, update_means)))
+        if wall_seconds > self._last[1]:  # evaluation time included, as in metrics.csv
+            scalars["time/env_steps_per_second"] = (env_steps - self._last[0]) / (wall_seconds - self._last[1])
+        self._last = (env_steps, wall_seconds)
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, episode)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def read_metrics(csv_path: Path) -> dict[str, np.ndarray]:
     """Columns of a metrics CSV as float arrays (missing evaluation entries are NaN)."""
     with open(csv_path, newline="") as f:
@@ -253,18 +279,24 @@ def plot_runs(runs: Iterable[tuple[str, dict[str, np.ndarray]]], path: Path, tit
     _save_figure(fig, ax, title, path)
 
 
-def plot_seed_band(episodes: np.ndarray, returns: np.ndarray, eval_episodes: np.ndarray, eval_means: np.ndarray,
+def plot_seed_band(bands: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                    reference: list[tuple[int, int, float]], path: Path, title: str, window: int = 10) -> None:
-    """Mean training return across seeds (moving average) with its min-max band, the mean evaluation,
-    and reference bucket means drawn as horizontal segments (first episode, last episode, mean)."""
-    smooth = np.array([moving_average(r, window) for r in returns])  # (seeds, episodes)
+    """Per configuration (label, episodes, returns of shape (seeds, episodes), evaluated episodes, mean evaluations):
+    the mean training return across seeds (moving average) with its min-max band and the mean evaluation, all on
+    one figure; and reference bucket means drawn as horizontal segments (first episode, last episode, mean)."""
     fig, ax = new_figure()
-    ax.fill_between(episodes, smooth.min(0), smooth.max(0), color="C0", alpha=0.2, label="min-max over seeds")
-    ax.plot(episodes, smooth.mean(0), color="C0", lw=2, label=f"mean training return ({window}-episode average)")
-    if len(eval_episodes):
-        ax.plot(eval_episodes, eval_means, "o--", color="C2", ms=4, lw=1, label="mean evaluation (no noise)")
-    shown = [(first, min(last, episodes[-1]), value) for first, last, value in reference if first <= episodes[-1]]
-    for i, (first, last, value) in enumerate(shown):
-        ax.plot([first, last], [value, value], "-" if last > first else "*", color="C3", lw=2.5, ms=12,
+    for i, (label, episodes, returns, eval_episodes, eval_means) in enumerate(bands):
+        smooth = np.array([moving_average(r, window) for r in returns])  # (seeds, episodes)
+        prefix, color = (f"{label}: " if len(bands) > 1 else ""), f"C{i if i < 3 else i + 1}"  # C3: the reference
+        ax.fill_between(episodes, smooth.min(0), smooth.max(0), color=color, alpha=0.2,
+                        label=f"{prefix}min-max over seeds")
+        ax.plot(episodes, smooth.mean(0), color=color, lw=2, label=f"{prefix}mean training return ({window}-episode average)")
+        if len(eval_episodes):
+            ax.plot(eval_episodes, eval_means, "o--", color=color if len(bands) > 1 else "C2", ms=4, lw=1,
+                    mfc="white", label=f"{prefix}mean evaluation (no noise)")
+    last = max(episodes[-1] for _, episodes, *_ in bands)
+    shown = [(first, min(last, end), value) for first, end, value in reference if first <= last]
+    for i, (first, end, value) in enumerate(shown):
+        ax.plot([first, end], [value, value], "-" if end > first else "*", color="C3", lw=2.5, ms=12,
                 label="reference (published log)" if i == 0 else None)
     _save_figure(fig, ax, title, path)

@@ -80,6 +80,35 @@ def test_cartpole_trains_and_writes_its_run_folder(cartpole):
     assert_run_files(run_dir)
 
 
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The scalars of a run folder's TensorBoard event file, read record by record (length, crc, event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+    data, scalars, at = next(run_dir.glob("events.out.tfevents.*")).read_bytes(), {}, 0
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 8], "little")
+        event = Event.FromString(data[at + 12:at + 12 + length])
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        at += 16 + length
+    return scalars
+
+
+def test_cartpole_writes_tensorboard_scalars_per_episode(cartpole):
+    _, run_dir = cartpole
+    scalars, rows = tensorboard_scalars(run_dir), metrics(run_dir)
+    for episode, row in enumerate(rows, 1):
+        assert scalars["train/return"][episode] == pytest.approx(float(row["return"]), abs=1e-4)
+        if row["eval_return"]:
+            assert scalars["eval/mean_return"][episode] == pytest.approx(float(row["eval_return"]), abs=1e-4)
+    assert sorted(scalars["eval/mean_return"]) == [2, 4]
+    updated = sorted(scalars["loss/critic"])  # episodes with updates: from the one that passed the warm-up
+    assert updated == sorted(scalars["loss/actor"]) == sorted(scalars["train/mean_q"]) and updated[-1] == 4
+    assert all(v > 0 for v in scalars["loss/critic"].values())
+    exploration = [scalars["train/exploration_scale"][e] for e in (1, 2, 3, 4)]
+    assert exploration == sorted(exploration, reverse=True) and 0 < exploration[-1] < 1
+    assert all(v > 0 for v in scalars["time/env_steps_per_second"].values())
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--env", "CartPole-v1"], dict(k=2, tau=0.01, random_candidate=0.3)),
     (["--env", "Pendulum-v0"], dict(k=20000, tau=0.001, random_candidate=0.3)),

@@ -121,7 +121,7 @@ def target_actions(p, s2, grid, k, neighbours=nearest_k):
 
 
 def expected_update(p, adam_state, batch, grid, k, cfg, neighbours=nearest_k):
-    """One update of the float64 parameters p (dict of the four nets); returns the new p, the losses and a'."""
+    """One update of the float64 parameters p (dict of the four nets); returns the new p, the losses and mean Q, and a'."""
     s, a, r, s2, terminated = batch
     chosen = target_actions(p, s2, grid, k, neighbours)
     y = r + cfg.gamma * (1 - terminated) * critic_forward(p["critic_target"], s2, grid[chosen])[0]
@@ -138,7 +138,7 @@ def expected_update(p, adam_state, batch, grid, k, cfg, neighbours=nearest_k):
     soft = lambda target, online: {n: cfg.tau * online[n] + (1 - cfg.tau) * target[n] for n in NAMES}
     new = {"actor": actor, "critic": critic, "actor_target": soft(p["actor_target"], actor),
            "critic_target": soft(p["critic_target"], critic)}
-    return new, np.array([critic_loss, -q_pi.mean()]), chosen
+    return new, np.array([critic_loss, -q_pi.mean(), q.mean()]), chosen
 
 
 # --- the agent -------------------------------------------------------------------------------------------------
