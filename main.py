@@ -597,7 +597,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path, stop: StopReque
                 save(episode, before)
                 break
             log.episode(episode, step, ret, time.time() - start, eval_ret)
-            board.episode(episode, step, ret, time.time() - start, eval_ret, agent.update_means(),
+            board.episode(done, step, ret, time.time() - start, eval_ret, agent.update_means(),
                           max(agent.epsilon, 0.0))
             if eval_ret is not None and eval_ret > best_eval:  # Q-learners can unlearn; keep the best weights
                 best_eval = eval_ret

@@ -202,7 +202,8 @@ class TensorBoardLog:
 
     def episode(self, episode: int, env_steps: int, ret: float, wall_seconds: float, eval_return: float | None,
                 update_means: np.ndarray | None, exploration: float) -> None:
-        """update_means: mean (critic loss, actor loss, mean Q) over the episode's updates, None before any."""
+        """`episode` counted from 1, as in metrics.csv; update_means: mean (critic loss, actor loss, mean Q) over
+        the episode's updates, None before any."""
         scalars = {"train/return": ret, "train/exploration_scale": exploration}
         if eval_return is not None:
             scalars["eval/mean_return"] = eval_return

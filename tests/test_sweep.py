@@ -37,7 +37,7 @@ def test_a_local_sweep_of_two_configurations_and_two_seeds(tmp_path):
         assert float(row["final_eval"]) == train["eval_return"][-1] and float(row["test_return"]) == test["return"][0]
         reached = np.flatnonzero(train["eval_return"] >= 10)
         assert row["first_target"] == (str(int(train["episode"][reached[0]])) if len(reached) else "")
-        assert (Path(row["train_run"]) / "actor.safetensors").is_file() and row["node_id"]
+        assert (Path(row["train_run"]) / "checkpoint.safetensors").is_file() and row["node_id"]
     for name, config in summary["configs"].items():
         mine = [r for r in rows if r["config"] == name]
         for key, column in (("final_eval", "final_eval"), ("test_return", "test_return")):
