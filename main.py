@@ -226,6 +226,14 @@ class StopRequest:
     def __init__(self):
         self.requested, self._interruptible = False, False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+
+    def _unraisable(self, unraisable) -> None:
+        # Stopped raised while a finaliser (__del__) ran is swallowed by Python and would print a traceback;
+        # the stop then takes effect at the next check of `requested`, at the end of the episode
+        if not isinstance(unraisable.exc_value, Stopped):
+            self._previous_hook(unraisable)
 
     def _handle(self, signum: int, frame) -> None:
         if self.requested:
@@ -252,6 +260,7 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = self._previous_hook
 
 
 class Diverged(Exception):
