@@ -93,10 +93,9 @@ def timed(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> tu
     return {"ms_per_step": ms, "steps_per_second": 1e3 / ms, "peak_rss_mb": peak_memory_mb(), "steps_timed": steps}, step
 
 
-def count_subnormals(agent) -> int:
-    """Non-zero values below float32's smallest normal number (1.2e-38) in the agent's training state."""
-    values = [np.abs(buffer.numpy()) for buffer in agent.training_buffers().values()]
-    return sum(int(np.count_nonzero((v > 0) & (v < np.finfo(np.float32).tiny))) for v in values)
+def count_subnormals(arrays) -> int:
+    """Non-zero values below float32's smallest normal number (1.2e-38) in these arrays."""
+    return sum(int(np.count_nonzero((a > 0) & (a < np.finfo(np.float32).tiny))) for a in map(np.abs, arrays))
 
 
 def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: int, steady_steps: int,
@@ -112,7 +111,8 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
         step = play(setup, memory, args.warmup, max(0, args.warmup + updates - step), step)
         fast_steady, step = timed(setup, memory, args.warmup, steady_steps, step)
         row = {"k": setup.k, "updates_before_steady": step - args.warmup - steady_steps,
-               "subnormals_after_updates": count_subnormals(setup.agent),
+               "subnormals_after_updates": count_subnormals(
+                   buffer.numpy() for buffer in setup.agent.training_buffers().values()),
                "fast_early": fast_early, "fast_steady": fast_steady}
         if plain_steps:
             plain_args = parse_args(argv + plain_argv + ["--seed", "1"])
@@ -249,7 +249,7 @@ def ms_per_step(m: dict[str, np.ndarray], first: int, last: int) -> float:
 
 def timeline(opts: argparse.Namespace) -> None:
     """Per-step time along a finished run, from its metrics.csv, and the subnormal floats in its saved networks."""
-    from util import new_figure, load_tensors, moving_average, write_atomically
+    from util import moving_average, new_figure, read_tensors, write_atomically
     run = Path(opts.run)
     m = read_metrics(run / "metrics.csv")
     n = len(m["episode"])
@@ -259,10 +259,9 @@ def timeline(opts: argparse.Namespace) -> None:
     print(f"{run}: {n} episodes, {int(m['env_steps'][-1])} env steps, {m['wall_seconds'][-1]:.0f} s")
     for first, last in ranges:
         print(f"episodes {first}-{last}: {ms_per_step(m, first, last):.2f} ms per env step")
-    tiny = np.finfo(np.float32).tiny
     for path in sorted(run.glob("*.safetensors")) + sorted(run.glob("best/*.safetensors")):
-        values = np.concatenate([np.abs(t.numpy()).ravel() for t in load_tensors(path).values()])
-        print(f"{path.relative_to(run)}: {np.count_nonzero((values > 0) & (values < tiny))} subnormal of {values.size}")
+        arrays = read_tensors(path)[0].values()
+        print(f"{path.relative_to(run)}: {count_subnormals(arrays)} subnormal of {sum(a.size for a in arrays)}")
     per_episode = 1e3 * np.diff(np.insert(m["wall_seconds"], 0, 0)) / np.maximum(np.diff(np.insert(m["env_steps"], 0, 0)), 1)
     fig, ax = new_figure()
     ax.plot(m["episode"], per_episode, color="C0", alpha=0.3, lw=0.8, label="per episode")

@@ -221,9 +221,8 @@ class DDPG:
     def training_buffers(self) -> dict[str, Tensor]:
         """Every buffer an update writes and keeps: the four networks, and both optimisers' moments and step counts."""
         buffers = {name: net.flat for name, net in self.networks().items()}
-        for net in ("actor", "critic"):
-            optim = getattr(self, f"{net}_optim")
-            buffers.update({f"{net}_optim.m": optim.m, f"{net}_optim.v": optim.v, f"{net}_optim.t": optim.t})
+        for name in OPTIMISERS:
+            buffers |= {f"{name}.{key}": getattr(getattr(self, name), key) for key in ("m", "v", "t")}
         return buffers
 
     def parameters_finite(self) -> bool:
