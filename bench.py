@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from ddpg import FLUSH_BELOW, write  # noqa: E402
 from memory import ReplayMemory
-from util import env_folder_name, plot_seed_band, read_metrics
+from util import env_folder_name, moving_average, plot_seed_band, read_metrics
 
 CONFIGS = {
     "CartPole-v1": ["--env", "CartPole-v1"],
@@ -249,7 +249,7 @@ def ms_per_step(m: dict[str, np.ndarray], first: int, last: int) -> float:
 
 def timeline(opts: argparse.Namespace) -> None:
     """Per-step time along a finished run, from its metrics.csv, and the subnormal floats in its saved networks."""
-    from util import moving_average, new_figure, read_tensors, write_atomically
+    from util import new_figure, read_tensors, write_atomically
     run = Path(opts.run)
     m = read_metrics(run / "metrics.csv")
     n = len(m["episode"])
@@ -274,6 +274,71 @@ def timeline(opts: argparse.Namespace) -> None:
     fig.tight_layout()
     write_atomically(run / "step_time.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     print(f"wrote {run / 'step_time.png'}")
+def fraction_curve(m: dict[str, np.ndarray], optimal: float, steps: np.ndarray, window: int = 10) -> np.ndarray:
+    """A run's noise-free evaluations as fractions of `optimal` (moving average over `window` evaluations),
+    interpolated at the given env steps."""
+    evaluated = ~np.isnan(m["eval_return"])
+    return np.interp(steps, m["env_steps"][evaluated], moving_average(m["eval_return"][evaluated] / optimal, window))
+
+
+def optimum(opts: argparse.Namespace) -> None:
+    """A finished sweep of a built-in env (envs.py: an exact optimal and random return) as fractions of the optimum:
+    per configuration, each seed's final-weights test return / optimal and its ms per env step over the second
+    half of the run; a figure of the evaluations along training (left) and of both against the configurations
+    (right); a table for the README. Writes optimum.json and optimum.png into the sweep folder."""
+    from main import make_env, parse_env_kwargs
+    from util import new_figure, write_atomically
+    folder = Path(opts.sweep)
+    settings = json.loads((folder / "sweep.json").read_text())
+    with open(folder / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    args = parse_args(["--env", settings["env"], *settings["main_flags"]])
+    env = make_env(args.env, parse_env_kwargs(args.env_kwargs)).unwrapped
+    if not hasattr(env, "optimal_return"):
+        raise SystemExit(f"error: {args.env} has no exact optimal_return (built-in envs of envs.py have)")
+    optimal, random_fraction = env.optimal_return, env.random_return / env.optimal_return
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    result = {"env": args.env, "main_flags": settings["main_flags"], "episodes": settings["episodes"],
+              "test_episodes": settings["test_episodes"], "optimal_return": optimal, "random_return": env.random_return,
+              "machine": cpu_model(), "configs": {}}
+    fig, (curves, ends) = new_figure(ncols=2, figsize=(13, 5))
+    for i, name in enumerate(configs):
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: int(r["seed"]))
+        metrics = [read_metrics(Path(r["train_run"]) / "metrics.csv") for r in mine]
+        fractions = [float(r["test_return"]) / optimal for r in mine]
+        ms = [ms_per_step(m, len(m["episode"]) // 2 + 1, len(m["episode"])) for m in metrics]
+        result["configs"][name] = {"seeds": [int(r["seed"]) for r in mine], "fraction_of_optimal": fractions,
+                                   "ms_per_step": ms, "env_steps": [int(m["env_steps"][-1]) for m in metrics]}
+        steps = np.linspace(0, min(m["env_steps"][-1] for m in metrics), 300)
+        band = np.array([fraction_curve(m, optimal, steps) for m in metrics])
+        curves.fill_between(steps, band.min(0), band.max(0), color=f"C{i}", alpha=0.2)
+        curves.plot(steps, band.mean(0), color=f"C{i}", lw=2, label=f"{name} (mean, min-max of {len(mine)} seeds)")
+        ends.plot([i] * len(fractions), fractions, "o", color=f"C{i}", mfc="white")
+        ends.plot([i], [np.mean(fractions)], "_", color=f"C{i}", ms=30, mew=2)
+        print(f"| {name} | {' / '.join(f'{x:.1%}' for x in fractions)} | {np.mean(fractions):.1%} | "
+              f"{np.mean(ms):.1f} |")
+    for ax in (curves, ends):
+        ax.axhline(1.0, color="k", lw=1, ls="--", label="optimal")
+        ax.axhline(random_fraction, color="C3", lw=1.5, ls=":", label=f"uniformly random ({random_fraction:.1%})")
+        ax.grid(alpha=0.3)
+    curves.set(xlabel="env steps", ylabel="evaluation return / optimal return",
+               title=f"noise-free evaluations ({settings['episodes']} episodes per seed)")
+    curves.legend(loc="lower right", fontsize=8)
+    ends.set_xticks(range(len(configs)), configs)
+    ends.set(xlabel="configuration", ylabel="final weights: test return / optimal", xlim=(-0.5, len(configs) - 0.5),
+             title=f"final weights, {settings['test_episodes']} test episodes; ms per step (right axis)")
+    times = ends.twinx()
+    times.plot(range(len(configs)), [np.mean(result["configs"][c]["ms_per_step"]) for c in configs], "s-", color="C7",
+               label="ms per env step (second half of training)")
+    times.set(ylabel="ms per env step", yscale="log")
+    times.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{' '.join([args.env, *settings['main_flags']])}: optimal return {optimal:.3f}")
+    fig.tight_layout()
+    write_atomically(folder / "optimum.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomically(folder / "optimum.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    print(f"wrote {folder / 'optimum.json'} and {folder / 'optimum.png'}")
+
+
 def knn(opts: argparse.Namespace) -> None:
     """k-NN over --items 16-d embeddings (clustered as the 1M toy env's, and uniform in [-1, 1]^16), 64 queries
     (items plus noise), k = 1000: ms per search and recall@k against exact search; index build, save, reload."""
@@ -379,8 +444,10 @@ def main() -> None:
     kp.add_argument("--items", type=int, default=1_000_000)
     kp.add_argument("--out", default="bench_knn.json")
     kp.add_argument("--steps", type=int, default=300, help="timed env steps of the training rows (after as many)")
+    op = sub.add_parser("optimum", help="a sweep of a built-in env as fractions of its exact optimum, with random")
+    op.add_argument("sweep", help="a finished sweep.py --output folder (of Recommender-v0 or Configurator-v0)")
     opts = p.parse_args()
-    {"learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

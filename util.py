@@ -233,11 +233,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[idx] - sums[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
 
 
-def new_figure():
+def new_figure(ncols: int = 1, figsize: tuple[float, float] = (9, 5)):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(9, 5))
+    return plt.subplots(ncols=ncols, figsize=figsize)
 
 
 def _save_figure(fig, ax, title: str, path: Path) -> None:
