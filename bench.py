@@ -330,7 +330,7 @@ def optimum(opts: argparse.Namespace) -> None:
     times = ends.twinx()
     times.plot(range(len(configs)), [np.mean(result["configs"][c]["ms_per_step"]) for c in configs], "s-", color="C7",
                label="ms per env step (second half of training)")
-    times.set(ylabel="ms per env step", yscale="log")
+    times.set(ylabel="ms per env step", ylim=(0, None))
     times.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{' '.join([args.env, *settings['main_flags']])}: optimal return {optimal:.3f}")
     fig.tight_layout()
