@@ -7,6 +7,7 @@
     python bench.py flush                                       # cost of flushing subnormals, and of not
     python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
     python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
+    python bench.py optimum sweeps/configurator   # a sweep of a built-in env as fractions of its exact optimum
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -323,7 +324,7 @@ def optimum(opts: argparse.Namespace) -> None:
         ax.grid(alpha=0.3)
     curves.set(xlabel="env steps", ylabel="evaluation return / optimal return",
                title=f"noise-free evaluations ({settings['episodes']} episodes per seed)")
-    curves.legend(loc="lower right", fontsize=8)
+    curves.legend(loc="upper left", fontsize=8)
     ends.set_xticks(range(len(configs)), configs)
     ends.set(xlabel="configuration", ylabel="final weights: test return / optimal", xlim=(-0.5, len(configs) - 0.5),
              title=f"final weights, {settings['test_episodes']} test episodes; ms per step (right axis)")
