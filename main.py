@@ -7,17 +7,29 @@
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import math
-import os
-import shutil
 import signal
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+
+
+def _stop_before_setup(signum: int, frame) -> None:
+    """SIGINT/SIGTERM before main() installs its own handlers, while the imports run (seconds on a busy machine):
+    nothing is written yet, so leave quietly."""
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":  # first of all, so that no stop during the imports ends in a traceback
+    signal.signal(signal.SIGINT, _stop_before_setup)
+    signal.signal(signal.SIGTERM, _stop_before_setup)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 # numpy's OpenBLAS threads busy-wait for work and contend with tinygrad's runtime thread for the cores; the small
 # products of the k-NN searches ran far slower threaded (64 x 16 times 16 x 1000: 49 ms against 0.07 ms on the
@@ -728,6 +740,9 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = StopRequest() if args.mode == "train" else None  # from the start: a signal during set-up stops too
+    if stop is None and signal.getsignal(signal.SIGINT) is _stop_before_setup:  # testing, plotting: the usual way
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return run(args, given_flags(argv), stop)
     finally:

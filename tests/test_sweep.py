@@ -15,7 +15,7 @@ TINY = ["--warmup", "8", "--eval-every", "1", "--eval-episodes", "1", "--hidden1
         "--rmsize", "1000", "--save_per_epochs", "100"]
 
 
-def run_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
+def run_sweep(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "sweep.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
