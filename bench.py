@@ -275,6 +275,8 @@ def timeline(opts: argparse.Namespace) -> None:
     fig.tight_layout()
     write_atomically(run / "step_time.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     print(f"wrote {run / 'step_time.png'}")
+
+
 def fraction_curve(m: dict[str, np.ndarray], optimal: float, steps: np.ndarray, window: int = 10) -> np.ndarray:
     """A run's noise-free evaluations as fractions of `optimal` (moving average over `window` evaluations),
     interpolated at the given env steps."""

@@ -49,11 +49,13 @@ def returns(run_dir: Path) -> list[str]:
         return [row["return"] for row in csv.DictReader(f)]
 
 
-def same_state(a: Path, b: Path) -> bool:
+def state_differences(a: Path, b: Path) -> list[str]:
+    """Names of the arrays and scalars in which two runs' checkpoints differ, wall time and arguments aside."""
     arrays_a, scalars_a = read_tensors(a / "checkpoint.safetensors")
     arrays_b, scalars_b = read_tensors(b / "checkpoint.safetensors")
-    return sorted(arrays_a) == sorted(arrays_b) and all(np.array_equal(arrays_a[k], arrays_b[k]) for k in arrays_a) \
-        and all(scalars_a[k] == scalars_b[k] for k in scalars_a if k not in ("wall_seconds", "args"))
+    arrays = sorted(set(arrays_a) ^ set(arrays_b)) + \
+        [name for name in arrays_a if name in arrays_b and not np.array_equal(arrays_a[name], arrays_b[name])]
+    return arrays + [k for k in scalars_a if k not in ("wall_seconds", "args") and scalars_a[k] != scalars_b.get(k)]
 
 
 def stop_once(proc: subprocess.Popen, kind: str, output: Path, rng: random.Random) -> dict:
@@ -106,7 +108,7 @@ def main() -> None:
             parent = newest_run(chain_out, with_checkpoint=True)
             checkpoint = parent is not None
             if checkpoint and read_tensors(parent / "checkpoint.safetensors", [])[1]["episode"] >= opts.episodes:
-                chains.append({"returns_equal": returns(parent) == returns(whole), "state_equal": same_state(parent, whole),
+                chains.append({"returns_equal": returns(parent) == returns(whole), "state_equal": not state_differences(parent, whole),
                                "folders": len(list(chain_out.iterdir()))})
                 print(json.dumps(chains[-1]), flush=True)
                 chain_out = Path(tmp) / f"chain{len(chains)}"
@@ -124,7 +126,7 @@ def main() -> None:
             subprocess.run([sys.executable, "main.py", "--load", "--load-model-dir", str(parent), "--output",
                             str(chain_out)], capture_output=True)
             last = newest_run(chain_out, with_checkpoint=True)
-            chains.append({"returns_equal": returns(last) == returns(whole), "state_equal": same_state(last, whole),
+            chains.append({"returns_equal": returns(last) == returns(whole), "state_equal": not state_differences(last, whole),
                            "folders": len(list(chain_out.iterdir()))})
             print(json.dumps(chains[-1]), flush=True)
         summary = {"stops": len(events), "by_kind": {k: sum(e["kind"] == k for e in events) for k in KINDS},

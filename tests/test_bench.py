@@ -11,6 +11,7 @@ import numpy as np
 
 import envs  # noqa: F401  (registers the built-in envs)
 import main
+from soak import newest_run
 from util import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +24,10 @@ def test_optimum_states_a_sweep_as_fractions_of_the_exact_optimum(tmp_path):
     rows = []
     for seed in (1, 2):  # a sweep's folder, made without Ray: trained and tested runs, sweep.json, results.csv
         assert main.main([*ENV, *TINY, "--seed", str(seed), "--max-episode", "30", "--output", str(tmp_path)]) == 0
-        train = max(tmp_path.glob("*-run*"), key=lambda p: p.stat().st_mtime_ns)
+        train = newest_run(tmp_path)
         assert main.main([*ENV, *TINY, "--seed", str(seed), "--mode", "test", "--test-episode", "5",
                           "--load-model-dir", str(train), "--output", str(tmp_path)]) == 0
-        test = max(tmp_path.glob("*-run*"), key=lambda p: p.stat().st_mtime_ns)
+        test = newest_run(tmp_path)
         rows.append({"config": "k=4", "seed": seed, "test_return": read_metrics(test / "metrics.csv")["return"].mean(),
                      "train_run": train})
     (tmp_path / "sweep.json").write_text(json.dumps({"env": "Configurator-v0", "main_flags": ENV[2:] + TINY,

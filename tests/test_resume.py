@@ -1,5 +1,4 @@
 """Stop, crash, resume: checkpoints are whole or absent, and a stopped seeded run continues exactly."""
-import csv
 import os
 import random
 import resource
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soak import returns, state_differences
 from util import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,18 +50,6 @@ def main_in_process(*args) -> int:
     return main.main([str(a) for a in args])
 
 
-def returns(run_dir: Path) -> list[str]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [row["return"] for row in csv.DictReader(f)]
-
-
-def assert_same_training_state(a: Path, b: Path) -> None:
-    arrays_a, scalars_a = read_tensors(a / "checkpoint.safetensors")
-    arrays_b, scalars_b = read_tensors(b / "checkpoint.safetensors")
-    assert sorted(arrays_a) == sorted(arrays_b)
-    assert [name for name in arrays_a if not np.array_equal(arrays_a[name], arrays_b[name])] == []
-    different = {k for k in scalars_a if scalars_a[k] != scalars_b[k]}
-    assert different <= {"wall_seconds", "args"}, different
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -85,7 +73,7 @@ def check_resume_is_exact(flags: list, tmp_path: Path, crash) -> None:
     assert main_in_process(*flags, "--max-episode", total, "--output", tmp_path / "whole") == 0
     whole = next((tmp_path / "whole").iterdir())
     assert len(returns(whole)) == total and returns(resumed) == returns(whole)
-    assert_same_training_state(resumed, whole)
+    assert state_differences(resumed, whole) == []
 
 
 def test_cartpole_killed_9_just_after_a_save_resumes_exactly(tmp_path):
