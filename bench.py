@@ -7,7 +7,7 @@
     python bench.py flush                                       # cost of flushing subnormals, and of not
     python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
     python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
-    python bench.py optimum sweeps/configurator   # a sweep of a built-in env as fractions of its exact optimum
+    python bench.py optimum sweeps/configurator   # sweeps of a built-in env as fractions of its exact optimum
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -284,17 +284,31 @@ def fraction_curve(m: dict[str, np.ndarray], optimal: float, steps: np.ndarray, 
     return np.interp(steps, m["env_steps"][evaluated], moving_average(m["eval_return"][evaluated] / optimal, window))
 
 
+def read_sweeps(folders: list[Path]) -> tuple[dict, list[dict]]:
+    """The settings and the result rows of finished sweeps of one env with the same flags (their grids differ)."""
+    settings, rows = None, []
+    for folder in folders:
+        mine = json.loads((folder / "sweep.json").read_text())
+        shared = {key: mine[key] for key in ("env", "main_flags", "episodes", "test_episodes")}
+        if settings is not None and shared != settings:
+            raise SystemExit(f"error: {folder} is a sweep of other settings than {folders[0]}: {shared} != {settings}")
+        settings = shared
+        with open(folder / "results.csv", newline="") as f:
+            rows += list(csv.DictReader(f))
+    return settings, rows
+
+
 def optimum(opts: argparse.Namespace) -> None:
-    """A finished sweep of a built-in env (envs.py: an exact optimal and random return) as fractions of the optimum:
+    """Finished sweeps of a built-in env (envs.py: an exact optimal and random return) as fractions of the optimum:
     per configuration, each seed's final-weights test return / optimal and its ms per env step over the second
     half of the run; a figure of the evaluations along training (left) and of both against the configurations
-    (right); a table for the README. Writes optimum.json and optimum.png into the sweep folder."""
+    (right); a table for the README. Several sweeps of the same env and flags (other grids, say one more k) are
+    shown together. Writes optimum.json and optimum.png into the first sweep's folder."""
     from main import make_env, parse_env_kwargs
     from util import new_figure, write_atomically
-    folder = Path(opts.sweep)
-    settings = json.loads((folder / "sweep.json").read_text())
-    with open(folder / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    folders = [Path(f) for f in opts.sweeps]
+    folder = folders[0]
+    settings, rows = read_sweeps(folders)
     args = parse_args(["--env", settings["env"], *settings["main_flags"]])
     env = make_env(args.env, parse_env_kwargs(args.env_kwargs)).unwrapped
     if not hasattr(env, "optimal_return"):
@@ -448,7 +462,8 @@ def main() -> None:
     kp.add_argument("--out", default="bench_knn.json")
     kp.add_argument("--steps", type=int, default=300, help="timed env steps of the training rows (after as many)")
     op = sub.add_parser("optimum", help="a sweep of a built-in env as fractions of its exact optimum, with random")
-    op.add_argument("sweep", help="a finished sweep.py --output folder (of Recommender-v0 or Configurator-v0)")
+    op.add_argument("sweeps", nargs="+", help="finished sweep.py --output folders of Recommender-v0 or Configurator-v0 "
+                                                "with the same flags (results go into the first)")
     opts = p.parse_args()
     {"optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
