@@ -51,6 +51,7 @@ class DDPGConfig:
     ou_sigma: float = 0.2
     ou_mu: float = 0.0
     epsilon: float = 80000
+    choice_pull: float = 0.0
     flush_below: float = FLUSH_BELOW
 
 
@@ -187,10 +188,18 @@ class DDPG:
         critic_params = self.critic.views()
         q = self.critic(states, actions, critic_params)
         critic_loss, mean_q = ((q - y) ** 2).mean(), q.mean()
-        Tensor.realize(critic_loss, mean_q, *self.critic_optim.step(critic_loss, critic_params))
+        # the pull needs a' as chosen before the critic's step (left lazy, it would be chosen anew after it)
+        keep = [next_actions] if cfg.choice_pull > 0 else []
+        Tensor.realize(critic_loss, mean_q, *keep, *self.critic_optim.step(critic_loss, critic_params))
         # the actor follows the critic just updated, as in the reference
         actor_params = self.actor.views()
         actor_loss = -self.critic(states, self.actor(states, actor_params)).mean()
+        if cfg.choice_pull > 0:
+            # The critic learns Q only at actions that were played; where those lie on a thin set (item embeddings
+            # on a manifold), its slope at an off-set proto-action says little. This pulls the proto-action of
+            # each next state towards the action that the k-NN search and the target critic chose for it.
+            pull = ((self.actor(next_states, actor_params) - next_actions) ** 2).sum(1).mean()
+            actor_loss = actor_loss + cfg.choice_pull * pull
         Tensor.realize(actor_loss, *self.actor_optim.step(actor_loss, actor_params))
         for target, online in ((self.actor_target, self.actor), (self.critic_target, self.critic)):
             target.flat.assign(flush_tiny(cfg.tau * online.flat + (1 - cfg.tau) * target.flat, cfg.flush_below))

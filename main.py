@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-candidate", type=float, default=0.3,
                    help="probability, times the decaying noise scale, of playing a uniformly random one of the k "
                         "candidates instead of the critic's best (0: the reference)")
+    p.add_argument("--choice-pull", type=float, default=0.0,
+                   help="weight of a loss pulling the actor's proto-action of each next state of a minibatch towards "
+                        "the action chosen for it among its k neighbours by the target critic (0: the reference's "
+                        "actor loss alone)")
     p.add_argument("--seed", type=int, default=-1, help="<= 0: unseeded")
     p.add_argument("--save_per_epochs", type=int, default=15, help="save every N episodes")
     p.add_argument("--id", default="0", help="experiment id")
@@ -212,6 +216,7 @@ RANGES = {
     "p_lr": Range(0, low_open=True), "weight_decay": Range(0), "warmup": Range(0), "bsize": Range(1),
     "rmsize": Range(1), "tau_update": Range(0, 1, low_open=True), "ou_theta": Range(0), "ou_sigma": Range(0),
     "ou_mu": Range(), "init_w": Range(0, low_open=True), "epsilon": Range(1), "random_candidate": Range(0, 1),
+    "choice_pull": Range(0),
     "seed": Range(), "save_per_epochs": Range(1), "k_ratio": Range(0, 1), "k": Range(1),
     "eval_every": Range(0), "eval_episodes": Range(1), "beam": Range(0), "flann_checks": Range(0),
     "ivf_probes": Range(1),
@@ -446,7 +451,7 @@ def build(args: argparse.Namespace) -> Setup:
     cfg = DDPGConfig(hidden1=args.hidden1, hidden2=args.hidden2, init_w=args.init_w, c_lr=args.c_lr,
                      p_lr=args.p_lr, weight_decay=args.weight_decay, gamma=args.gamma, tau=args.tau_update,
                      batch_size=args.bsize, ou_theta=args.ou_theta, ou_sigma=args.ou_sigma, ou_mu=args.ou_mu,
-                     epsilon=args.epsilon)
+                     epsilon=args.epsilon, choice_pull=args.choice_pull)
     try:
         agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring,
                                   random_candidate=args.random_candidate)

@@ -133,12 +133,18 @@ def expected_update(p, adam_state, batch, grid, k, cfg, neighbours=nearest_k):
     proto, actor_cache = actor_forward(p["actor"], s)
     q_pi, cache = critic_forward(critic, s, proto)
     _, dq_da = critic_backward(critic, cache, -np.ones(len(s)) / len(s))
-    actor = adam(p["actor"], actor_backward(p["actor"], actor_cache, dq_da), adam_state["actor"], cfg.p_lr,
-                 cfg.weight_decay)
+    actor_grad, actor_loss = actor_backward(p["actor"], actor_cache, dq_da), -q_pi.mean()
+    if cfg.choice_pull:  # + pull * mean |actor(s') - a'|^2
+        proto_next, next_cache = actor_forward(p["actor"], s2)
+        gap = proto_next - grid[chosen]
+        pull_grad = actor_backward(p["actor"], next_cache, 2 * cfg.choice_pull * gap / len(s2))
+        actor_grad = {n: actor_grad[n] + pull_grad[n] for n in NAMES}
+        actor_loss += cfg.choice_pull * (gap ** 2).sum(1).mean()
+    actor = adam(p["actor"], actor_grad, adam_state["actor"], cfg.p_lr, cfg.weight_decay)
     soft = lambda target, online: {n: cfg.tau * online[n] + (1 - cfg.tau) * target[n] for n in NAMES}
     new = {"actor": actor, "critic": critic, "actor_target": soft(p["actor_target"], actor),
            "critic_target": soft(p["critic_target"], critic)}
-    return new, np.array([critic_loss, -q_pi.mean(), q.mean()]), chosen
+    return new, np.array([critic_loss, actor_loss, q.mean()]), chosen
 
 
 # --- the agent -------------------------------------------------------------------------------------------------
@@ -227,6 +233,25 @@ def test_one_update_equals_numpy(case):
     losses = agent.update(memory)
     assert agent.rng.bit_generator.state == rng_after.bit_generator.state   # the update drew exactly that batch
     assert_matches(agent, expected, losses, adam_state)
+
+
+@pytest.mark.parametrize("case", ["1d-kinks", "2d-search"])
+def test_choice_pull_adds_its_gradient_and_loss(case):
+    """--choice-pull: the actor's loss gains pull * mean |actor(s') - a'|^2, a' the action chosen for the next state
+    s' (the online actor's proto-action pulled towards it), and the update still equals numpy's."""
+    space, k, seed = CASES[case]
+    agent, plain = make_agent(space, k, seed, choice_pull=0.5), make_agent(space, k, seed)
+    memory = random_memory(agent, seed)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
+    adam_state = {"critic": {}, "actor": {}}
+    expected = expected_update(numpy_params(agent), adam_state, next_batch(agent, memory), grid, k, agent.cfg)
+    losses, plain_losses = agent.update(memory), plain.update(memory)
+    assert_matches(agent, expected, losses, adam_state)
+    assert losses[1] > plain_losses[1] + 1e-3, "the pull adds a positive term to the actor's loss"
+    assert not np.allclose(agent.actor_optim.m.numpy(), plain.actor_optim.m.numpy(), rtol=1e-2), \
+        "the pull changes the actor's gradient"
+    np.testing.assert_allclose(agent.critic.flat.numpy(), plain.critic.flat.numpy(), rtol=1e-6, atol=1e-7,
+                               err_msg="the critic's update does not depend on the pull")
 
 
 @pytest.mark.parametrize("case", ["1d-kinks", "2d-search"])
