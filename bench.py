@@ -8,6 +8,7 @@
     python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
     python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
     python bench.py optimum sweeps/configurator   # sweeps of a built-in env as fractions of its exact optimum
+    python bench.py choice RUN -- --env Recommender-v0 --k 1000   # where a recommender agent loses return
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -356,6 +357,38 @@ def optimum(opts: argparse.Namespace) -> None:
     print(f"wrote {folder / 'optimum.json'} and {folder / 'optimum.png'}")
 
 
+def choice(opts: argparse.Namespace) -> None:
+    """Where a trained Recommender-v0 agent loses return: with every item as the state, the exact returns (fractions of
+    the optimum) of its noise-free policy (the critic's best of the k neighbours of the proto-action), of the item
+    nearest the proto-action (k = 1), and of the best of the same k items by the true gain (a perfect critic); and
+    the share of items whose k neighbours hold any acceptable item."""
+    from tinygrad import Tensor
+    args = parse_args(["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags])
+    setup = build(args)
+    env, agent, space, k = setup.env.unwrapped, setup.agent, setup.space, setup.k
+    if not hasattr(env, "recommendation_gain"):
+        raise SystemExit(f"error: {args.env} is not Recommender-v0 (no recommendation_gain)")
+    items = np.arange(env.n_items)
+    to_env = np.vectorize(space.to_env)
+    policies = {"agent (critic's best of k)": [], "item nearest the proto-action": [], "best of the k by true gain": []}
+    reachable = []
+    for block in np.array_split(items, -(-len(items) // 256)):  # 256 states x k candidates at a time
+        states = Tensor(env.action_embeddings[block])  # the observation at item i is its embedding
+        protos = agent.actor(states).clip(-1, 1).numpy()
+        ids = space.search(protos, k)
+        points, actions = space.points(ids), to_env(ids)
+        picks = (agent.critic.score(states, Tensor(points)).numpy().argmax(1),
+                 ((points - protos[:, None]) ** 2).sum(2).argmin(1),
+                 env.recommendation_gain(block[:, None], actions).argmax(1))
+        for chosen, pick in zip(policies.values(), picks):
+            chosen.append(actions[np.arange(len(block)), pick])
+        reachable.append((env.accept_probability(block[:, None], actions) > 0).any(1))
+    print(f"{opts.run}: k = {k}, {env.n_items} items, optimal return {env.optimal_return:.4f}")
+    for name, chosen in policies.items():
+        print(f"  {name}: {env.policy_return(np.concatenate(chosen)) / env.optimal_return:.1%} of the optimum")
+    print(f"  items whose k neighbours hold an acceptable item: {np.concatenate(reachable).mean():.1%}")
+
+
 def knn(opts: argparse.Namespace) -> None:
     """k-NN over --items 16-d embeddings (clustered as the 1M toy env's, and uniform in [-1, 1]^16), 64 queries
     (items plus noise), k = 1000: ms per search and recall@k against exact search; index build, save, reload."""
@@ -464,8 +497,11 @@ def main() -> None:
     op = sub.add_parser("optimum", help="a sweep of a built-in env as fractions of its exact optimum, with random")
     op.add_argument("sweeps", nargs="+", help="finished sweep.py --output folders of Recommender-v0 or Configurator-v0 "
                                                 "with the same flags (results go into the first)")
+    cp = sub.add_parser("choice", help="where a trained Recommender-v0 agent loses return: candidates or choice")
+    cp.add_argument("run", help="a run folder of Recommender-v0")
+    cp.add_argument("main_flags", nargs="*", help="after --: the run's main.py flags, e.g. -- --env Recommender-v0 --k 1000")
     opts = p.parse_args()
-    {"optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,13 @@ class RecommenderEnv(gym.Env):
         return _accept(world.position[items], world.position[recommended], world.quality[recommended], world.shift,
                        world.radius)
 
+    def recommendation_gain(self, items: np.ndarray, recommended: np.ndarray) -> np.ndarray:
+        """w_ij (1 + 0.9 V_j - 0.8 Vbar), V the optimal values: what recommending j to a user at i earns over a
+        rejection under the optimal policy's values. An optimal policy recommends the item of largest gain."""
+        values = self.world.values
+        return self.accept_probability(items, recommended) * \
+            (1.0 + ACCEPT_CONTINUE * values[recommended] - REJECT_CONTINUE * values.mean())
+
     def policy_return(self, actions: np.ndarray) -> float:
         """Exact expected return from the start of the deterministic policy that recommends actions[i] at item i."""
         actions = np.asarray(actions, np.int64)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import pytest
 
 import envs  # noqa: F401  (registers the built-in envs)
 import main
@@ -64,3 +65,37 @@ def test_optimum_states_sweeps_as_fractions_of_the_exact_optimum(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "other settings" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def choice_fractions(run: Path, k: int) -> dict[str, float]:
+    """`bench.py choice` on a Recommender-v0 run: its printed fractions of the optimum, by line."""
+    flags = ["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "neighbours=20", *TINY[:-2], "--k", str(k)]
+    result = subprocess.run([sys.executable, "bench.py", "choice", str(run), "--", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.strip().rsplit(": ", 1) for line in result.stdout.splitlines() if line.endswith("%") or "optimum" in line]
+    return {name: float(value.split("%")[0]) / 100 for name, value in lines if "%" in value}
+
+
+def test_choice_splits_the_loss_between_candidates_and_critic(tmp_path):
+    """With k = every item, a perfect critic's pick is the optimal policy and every item's candidates hold an
+    acceptable one; with k = 1 the agent plays the item nearest its proto-action. The agent's own fraction is its
+    policy's exact return, recomputed here from its networks."""
+    env_flags = ["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "neighbours=20"]
+    assert main.main([*env_flags, *TINY[:-2], "--k", "30", "--seed", "1", "--max-episode", "20",
+                      "--output", str(tmp_path)]) == 0
+    run = newest_run(tmp_path)
+    env = gym.make("Recommender-v0", n_items=300, neighbours=20).unwrapped
+    every = choice_fractions(run, 300)
+    assert every["best of the k by true gain"] == pytest.approx(1.0, abs=5e-4)
+    has_acceptable = np.mean([(env.accept_probability(np.full(300, i), np.arange(300)) > 0).any() for i in range(300)])
+    assert every["items whose k neighbours hold an acceptable item"] == pytest.approx(has_acceptable, abs=5e-4)
+    one = choice_fractions(run, 1)
+    assert one["agent (critic's best of k)"] == one["item nearest the proto-action"] == one["best of the k by true gain"]
+
+    setup = main.build(main.parse_args([*env_flags, *TINY[:-2], "--k", "300", "--mode", "test",
+                                        "--load-model-dir", str(run)]))
+    agent, space = setup.agent, setup.space
+    chosen = [int(space.to_env(agent.select_action(env.action_embeddings[i].copy(), explore=False))) for i in range(300)]
+    assert every["agent (critic's best of k)"] == pytest.approx(env.policy_return(np.array(chosen)) / env.optimal_return,
+                                                                 abs=5e-4)
