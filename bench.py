@@ -360,8 +360,8 @@ def optimum(opts: argparse.Namespace) -> None:
 def choice(opts: argparse.Namespace) -> None:
     """Where a trained Recommender-v0 agent loses return: with every item as the state, the exact returns (fractions of
     the optimum) of its noise-free policy (the critic's best of the k neighbours of the proto-action), of the item
-    nearest the proto-action (k = 1), and of the best of the same k items by the true gain (a perfect critic); and
-    the share of items whose k neighbours hold any acceptable item."""
+    nearest the proto-action (k = 1), and of the best of the same k items by the true gain (a perfect critic); the
+    share of items whose k neighbours hold any acceptable item; how far the proto-actions lie from the items."""
     from tinygrad import Tensor
     args = parse_args(["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags])
     setup = build(args)
@@ -371,14 +371,15 @@ def choice(opts: argparse.Namespace) -> None:
     items = np.arange(env.n_items)
     to_env = np.vectorize(space.to_env)
     policies = {"agent (critic's best of k)": [], "item nearest the proto-action": [], "best of the k by true gain": []}
-    reachable = []
+    reachable, gaps = [], []
     for block in np.array_split(items, -(-len(items) // 256)):  # 256 states x k candidates at a time
         states = Tensor(env.action_embeddings[block])  # the observation at item i is its embedding
         protos = agent.actor(states).clip(-1, 1).numpy()
         ids = space.search(protos, k)
         points, actions = space.points(ids), to_env(ids)
-        picks = (agent.critic.score(states, Tensor(points)).numpy().argmax(1),
-                 ((points - protos[:, None]) ** 2).sum(2).argmin(1),
+        distances = np.sqrt(((points - protos[:, None]) ** 2).sum(2))
+        gaps.append(distances.min(1))
+        picks = (agent.critic.score(states, Tensor(points)).numpy().argmax(1), distances.argmin(1),
                  env.recommendation_gain(block[:, None], actions).argmax(1))
         for chosen, pick in zip(policies.values(), picks):
             chosen.append(actions[np.arange(len(block)), pick])
@@ -387,6 +388,8 @@ def choice(opts: argparse.Namespace) -> None:
     for name, chosen in policies.items():
         print(f"  {name}: {env.policy_return(np.concatenate(chosen)) / env.optimal_return:.1%} of the optimum")
     print(f"  items whose k neighbours hold an acceptable item: {np.concatenate(reachable).mean():.1%}")
+    print(f"  mean distance from the proto-action to its nearest item: {np.concatenate(gaps).mean():.3f} "
+          f"(in the actor's [-1, 1]^{space.dim})")
 
 
 def knn(opts: argparse.Namespace) -> None:
