@@ -51,6 +51,7 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 # to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
 # MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
 DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
+EMBEDDING_CHOICE_PULL = 1.0  # --choice-pull's default for embeddings: see README, "The actor's pull"
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
 # minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
@@ -101,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-candidate", type=float, default=0.3,
                    help="probability, times the decaying noise scale, of playing a uniformly random one of the k "
                         "candidates instead of the critic's best (0: the reference)")
-    p.add_argument("--choice-pull", type=float, default=0.0,
+    p.add_argument("--choice-pull", type=float, default=None,
                    help="weight of a loss pulling the actor's proto-action of each next state of a minibatch towards "
-                        "the action chosen for it among its k neighbours by the target critic (0: the reference's "
-                        "actor loss alone)")
+                        f"the action chosen for it among its k neighbours (default: {EMBEDDING_CHOICE_PULL:g} for "
+                        "an action set of embeddings, 0 for a grid; 0 is the reference's actor loss alone)")
     p.add_argument("--seed", type=int, default=-1, help="<= 0: unseeded")
     p.add_argument("--save_per_epochs", type=int, default=15, help="save every N episodes")
     p.add_argument("--id", default="0", help="experiment id")
@@ -444,6 +445,8 @@ def build(args: argparse.Namespace) -> Setup:
     space = make_action_space(env_id, env.action_space, args) if embeddings is None else \
         make_embedding_space(env_id, env.action_space, embeddings, args)
     k = args.k if args.k is not None else default_k(space, args.k_ratio)
+    if args.choice_pull is None:
+        args.choice_pull = 0.0 if embeddings is None else EMBEDDING_CHOICE_PULL
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)
