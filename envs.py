@@ -143,13 +143,18 @@ def _row_blocks(indptr: np.ndarray):
         yield r0, r1, indptr[r0], indptr[r1]
 
 
+def _gain(accept: np.ndarray, next_values: np.ndarray, mean_value: float) -> np.ndarray:
+    """w_ij (1 + 0.9 V_j - 0.8 Vbar): what recommending item j (accepted w.p. w_ij, value V_j) earns over a rejection."""
+    return accept * (1.0 + ACCEPT_CONTINUE * next_values - REJECT_CONTINUE * mean_value)
+
+
 def _greedy(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row i: max(0, max_j w_ij (1 + 0.9 V_j - 0.8 Vbar)), the gain of the best item over a rejection,
     and the entry of W that attains it (-1 where no item beats a rejection)."""
-    rest = REJECT_CONTINUE * values.mean()
+    mean_value = values.mean()
     best, arg = np.zeros(len(indptr) - 1), np.full(len(indptr) - 1, -1)
     for r0, r1, e0, e1 in _row_blocks(indptr):
-        gain = w[e0:e1] * (1.0 + ACCEPT_CONTINUE * values[cols[e0:e1]] - rest)
+        gain = _gain(w[e0:e1], values[cols[e0:e1]], mean_value)
         local = indptr[r0:r1 + 1] - e0
         top = np.maximum(_segment(np.maximum, gain, local, 0.0), 0.0)
         rows = np.repeat(np.arange(r1 - r0), np.diff(local))
@@ -169,7 +174,7 @@ def _solve_optimal(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray) -> tuple
     values = _evaluate(policy, accept)
     while True:
         best, arg = _greedy(indptr, cols, w, values)
-        current = accept * (1.0 + ACCEPT_CONTINUE * values[policy] - REJECT_CONTINUE * values.mean())
+        current = _gain(accept, values[policy], values.mean())
         improve = best > current + 1e-12 * (1.0 + np.abs(current))  # strict, so that ties cannot cycle
         if not improve.any():
             return values, policy
@@ -277,8 +282,7 @@ class RecommenderEnv(gym.Env):
         """w_ij (1 + 0.9 V_j - 0.8 Vbar), V the optimal values: what recommending j to a user at i earns over a
         rejection under the optimal policy's values. An optimal policy recommends the item of largest gain."""
         values = self.world.values
-        return self.accept_probability(items, recommended) * \
-            (1.0 + ACCEPT_CONTINUE * values[recommended] - REJECT_CONTINUE * values.mean())
+        return _gain(self.accept_probability(items, recommended), values[recommended], values.mean())
 
     def policy_return(self, actions: np.ndarray) -> float:
         """Exact expected return from the start of the deterministic policy that recommends actions[i] at item i."""

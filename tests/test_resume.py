@@ -50,8 +50,6 @@ def main_in_process(*args) -> int:
     return main.main([str(a) for a in args])
 
 
-
-
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and (proc is None or proc.poll() is None):
