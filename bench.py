@@ -9,6 +9,7 @@
     python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
     python bench.py optimum sweeps/configurator   # sweeps of a built-in env as fractions of its exact optimum
     python bench.py choice RUN -- --env Recommender-v0 --k 1000   # where a recommender agent loses return
+    python bench.py bounds RUN -- --env Configurator-v0 --k 10485   # what exact pruning of the k would still score
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -392,6 +393,75 @@ def choice(opts: argparse.Namespace) -> None:
           f"(in the actor's [-1, 1]^{space.dim})")
 
 
+def cell_bounds(pre_state: np.ndarray, points: np.ndarray, cells: np.ndarray, free: np.ndarray,
+                w_action: np.ndarray, w_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper bounds of the critic's Q(s, a) - fc3.bias = w_out . relu(pre_state + w_action a) over each cell's box of
+    candidate points (n, dim), `cells` numbering each point's cell, the box spanning the cell's points on the `free`
+    axes (the other axes: one value per cell). Returns (interval bound, linear bound), one per cell: interval
+    arithmetic per hidden unit, and the linear relaxation of each unit's relu over its range (above: the chord; below,
+    where w_out < 0: the identity or zero, whichever is nearer), maximised over the box."""
+    n_cells = cells.max() + 1
+    lo, hi = np.full((n_cells, len(free)), np.inf), np.full((n_cells, len(free)), -np.inf)
+    np.minimum.at(lo, cells, points[:, free])
+    np.maximum.at(hi, cells, points[:, free])
+    centre = np.zeros((n_cells, points.shape[1]))
+    centre[cells] = points                                      # the fixed axes: one value per cell
+    centre[:, free], half = (lo + hi) / 2, (hi - lo) / 2
+    mid = pre_state + centre @ w_action.T                       # (cells, hidden)
+    radius = half @ np.abs(w_action[:, free]).T
+    low, high = mid - radius, mid + radius
+    interval = np.where(w_out > 0, w_out * np.maximum(high, 0), w_out * np.maximum(low, 0)).sum(1)
+    straddles = (low < 0) & (high > 0)
+    chord = high / np.where(straddles, high - low, 1.0)
+    slope = np.where(low >= 0, 1.0, np.where(high <= 0, 0.0, np.where(w_out > 0, chord, (high > -low) * 1.0)))
+    offset = np.where(straddles & (w_out > 0), -chord * low, 0.0)
+    gradient = (w_out * slope) @ w_action[:, free]              # the relaxation's slope along the free axes
+    linear = (w_out * (slope * mid + offset)).sum(1) + (np.abs(gradient) * half).sum(1)
+    return interval, linear
+
+
+def bounds(opts: argparse.Namespace) -> None:
+    """How many of the k candidates an exact branch and bound over cells would still score, for a trained run whose
+    actions are a grid of d > 1 axes: from --states observations, each state's k candidates are grouped into cells
+    that agree on all but m axes (those along which the candidates spread most), each bounded by `cell_bounds`. A
+    cell whose bound reaches the best Q of the k must be scored by any branch and bound with that bound, however
+    good its first guess; printed: the share of the k candidates in such cells (median and largest over the
+    states), and the mean number of candidates per cell."""
+    from tinygrad import Tensor
+
+    from action_space import GridActionSpace
+    args = parse_args(["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags])
+    setup = build(args)
+    agent, space, k = setup.agent, setup.space, setup.k
+    if not isinstance(space, GridActionSpace) or space.dim < 2:
+        raise SystemExit(f"error: {args.env}'s action set is not a grid of more than one axis")
+    p = {name: a.astype(np.float64) for name, a in agent.critic.state_dict().items()}
+    h1 = agent.cfg.hidden1
+    w_state, w_action, w_out = p["fc2.weight"][:, :h1], p["fc2.weight"][:, h1:], p["fc3.weight"][0]
+    observations = np.array([setup.env.reset(seed=i)[0] for i in range(opts.states)], np.float32)
+    protos = agent.actor(Tensor(observations)).clip(-1, 1).numpy()
+    pre_states = np.maximum(observations @ p["fc1.weight"].T + p["fc1.bias"], 0) @ w_state.T + p["fc2.bias"]
+    free_axes = [m for m in opts.free_axes if m <= space.dim]
+    shares = {(m, name): [] for m in free_axes for name in ("interval", "linear")}
+    sizes = {m: [] for m in free_axes}
+    for pre_state, ids in zip(pre_states, space.search(protos, k)):
+        points = space.points(ids).astype(np.float64)
+        q = np.maximum(pre_state + points @ w_action.T, 0) @ w_out
+        spread = np.argsort(-points.var(0), kind="stable")  # MultiBinary: the cheapest flips first
+        for m in free_axes:
+            cells = np.unique(points[:, spread[m:]], axis=0, return_inverse=True)[1].ravel()
+            sizes[m].append(len(cells) / (cells.max() + 1))
+            for name, bound in zip(("interval", "linear"),
+                                   cell_bounds(pre_state, points, cells, spread[:m], w_action, w_out)):
+                shares[m, name].append(np.mean(bound[cells] >= q.max() - 1e-9 * np.abs(q).max()))
+    print(f"{opts.run}: k = {k}, {space.dim} axes, {opts.states} states: share of the k candidates in cells whose "
+          "upper bound reaches the best Q (median, largest); candidates per cell")
+    for m in free_axes:
+        print(f"  cells free on {m} axes: " + "; ".join(f"{name} {np.median(shares[m, name]):.1%}, "
+                                                       f"{np.max(shares[m, name]):.1%}" for name in ("interval", "linear"))
+              + f"; {np.mean(sizes[m]):.1f} per cell")
+
+
 def knn(opts: argparse.Namespace) -> None:
     """k-NN over --items 16-d embeddings (clustered as the 1M toy env's, and uniform in [-1, 1]^16), 64 queries
     (items plus noise), k = 1000: ms per search and recall@k against exact search; index build, save, reload."""
@@ -503,8 +573,13 @@ def main() -> None:
     cp = sub.add_parser("choice", help="where a trained Recommender-v0 agent loses return: candidates or choice")
     cp.add_argument("run", help="a run folder of Recommender-v0")
     cp.add_argument("main_flags", nargs="*", help="after --: the run's main.py flags, e.g. -- --env Recommender-v0 --k 1000")
+    bp = sub.add_parser("bounds", help="how many of the k candidates an exact branch and bound over cells would score")
+    bp.add_argument("run", help="a run folder whose action set is a grid of more than one axis (e.g. Configurator-v0)")
+    bp.add_argument("--states", type=int, default=16, help="observations (the env's first ones after reset)")
+    bp.add_argument("--free-axes", type=int, nargs="*", default=[2, 4, 6, 8], help="values of m: axes free in a cell")
+    bp.add_argument("main_flags", nargs="*", help="after --: the run's main.py flags, e.g. -- --env Configurator-v0 --k 10485")
     opts = p.parse_args()
-    {"choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"bounds": bounds, "choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

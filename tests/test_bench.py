@@ -99,3 +99,27 @@ def test_choice_splits_the_loss_between_candidates_and_critic(tmp_path):
     chosen = [int(space.to_env(agent.select_action(env.action_embeddings[i].copy(), explore=False))) for i in range(300)]
     assert every["agent (critic's best of k)"] == pytest.approx(env.policy_return(np.array(chosen)) / env.optimal_return,
                                                                  abs=5e-4)
+
+
+def test_cell_bounds_hold_over_each_cell_and_are_exact_for_single_points():
+    """bench.py bounds: both upper bounds of Q over a cell of candidates reach each of its points' Q; the linear one is
+    never looser than the interval one; a cell of one point is bounded by its exact Q."""
+    from action_space import GridActionSpace
+    from bench import cell_bounds
+    rng = np.random.default_rng(0)
+    hidden, space = 32, GridActionSpace((2, 2, 3, 2, 4, 2))
+    w_action, w_out, pre_state = rng.normal(0, 0.5, (hidden, space.dim)), rng.normal(0, 1, hidden), rng.normal(0, 1, hidden)
+    points = space.points(space.search(rng.uniform(-1, 1, (1, space.dim)), 60)[0]).astype(np.float64)
+    q = np.maximum(pre_state + points @ w_action.T, 0) @ w_out
+    free = np.array([4, 0, 2])
+    fixed = np.setdiff1d(np.arange(space.dim), free)
+    cells = np.unique(points[:, fixed], axis=0, return_inverse=True)[1].ravel()
+    interval, linear = cell_bounds(pre_state, points, cells, free, w_action, w_out)
+    assert len(interval) == len(linear) == cells.max() + 1 > 1
+    best_in_cell = np.full(len(linear), -np.inf)
+    np.maximum.at(best_in_cell, cells, q)
+    assert np.all(linear >= best_in_cell - 1e-9) and np.all(linear <= interval + 1e-9)
+    assert np.any(linear < interval - 1e-6)  # cancellation between units: tighter somewhere
+    singles = np.arange(len(points))
+    for bound in cell_bounds(pre_state, points, singles, np.array([], int), w_action, w_out):
+        assert np.allclose(bound, q)
