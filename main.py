@@ -51,7 +51,10 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 # to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
 # MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
 DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
-EMBEDDING_CHOICE_PULL = 1.0  # --choice-pull's default for embeddings: see README, "The actor's pull"
+# --choice-pull's default (README, "The actor's pull"): on where the actions are a thin set inside the actor's box and
+# it was measured to help (item embeddings, the corners of MultiBinary), off elsewhere (the reference's actor loss),
+# and off for k = 1, where there is no choice to follow
+CHOICE_PULL = {"embeddings": 1.0, "MultiBinary": 1.0}
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
 # minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
@@ -104,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidates instead of the critic's best (0: the reference)")
     p.add_argument("--choice-pull", type=float, default=None,
                    help="weight of a loss pulling the actor's proto-action of each next state of a minibatch towards "
-                        f"the action chosen for it among its k neighbours (default: {EMBEDDING_CHOICE_PULL:g} for "
-                        "an action set of embeddings, 0 for a grid; 0 is the reference's actor loss alone)")
+                        "the action chosen for it among its k neighbours (default: 1 for action embeddings and "
+                        "MultiBinary with k > 1, else 0; 0 is the reference's actor loss alone)")
     p.add_argument("--seed", type=int, default=-1, help="<= 0: unseeded")
     p.add_argument("--save_per_epochs", type=int, default=15, help="save every N episodes")
     p.add_argument("--id", default="0", help="experiment id")
@@ -446,7 +449,8 @@ def build(args: argparse.Namespace) -> Setup:
         make_embedding_space(env_id, env.action_space, embeddings, args)
     k = args.k if args.k is not None else default_k(space, args.k_ratio)
     if args.choice_pull is None:
-        args.choice_pull = 0.0 if embeddings is None else EMBEDDING_CHOICE_PULL
+        kind = "embeddings" if embeddings is not None else type(env.action_space).__name__
+        args.choice_pull = CHOICE_PULL.get(kind, 0.0) if k > 1 else 0.0
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)

@@ -119,6 +119,12 @@ def test_cartpole_writes_tensorboard_scalars_per_episode(cartpole):
     (["--env", "Recommender-v0", "--env-kwargs", "n_items=300"], dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=1.0)),
     (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--choice-pull", "0"],
      dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=0.0)),
+    (["--env", "Configurator-v0", "--env-kwargs", "n_choices=6"],  # MultiBinary(6)
+     dict(k=6, tau=0.001, random_candidate=0.3, choice_pull=1.0)),
+    (["--env", "Configurator-v0", "--env-kwargs", "n_choices=4", "levels=3"],  # MultiDiscrete([3, 3, 3, 3])
+     dict(k=8, tau=0.001, random_candidate=0.3, choice_pull=0.0)),
+    (["--env", "Configurator-v0", "--env-kwargs", "n_choices=6", "--k", "1"],  # no choice to pull towards
+     dict(k=1, tau=0.001, random_candidate=0.3, choice_pull=0.0)),
 ])
 def test_defaults_by_action_space_and_flags_that_override_them(flags, expected):
     import main
