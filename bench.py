@@ -435,6 +435,8 @@ def bounds(opts: argparse.Namespace) -> None:
     agent, space, k = setup.agent, setup.space, setup.k
     if not isinstance(space, GridActionSpace) or space.dim < 2:
         raise SystemExit(f"error: {args.env}'s action set is not a grid of more than one axis")
+    # the critic in float64 numpy, not model.Critic's float32 graph: the bounds and the Q they must reach share
+    # one arithmetic, so that the comparison below needs no float32 slack
     p = {name: a.astype(np.float64) for name, a in agent.critic.state_dict().items()}
     h1 = agent.cfg.hidden1
     w_state, w_action, w_out = p["fc2.weight"][:, :h1], p["fc2.weight"][:, h1:], p["fc3.weight"][0]
