@@ -51,10 +51,14 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 # to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
 # MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
 DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
-# --choice-pull's default (README, "The actor's pull"): on where the actions are a thin set inside the actor's box and
-# it was measured to help (item embeddings, the corners of MultiBinary), off elsewhere (the reference's actor loss),
-# and off for k = 1, where there is no choice to follow
-CHOICE_PULL = {"embeddings": 1.0, "MultiBinary": 1.0}
+# Defaults that depend on the kind of action set, each measured where it differs (README):
+# - choice_pull ("The actor's pull"): on where the actions are a thin set inside the actor's box and it was measured
+#   to help (item embeddings, the corners of MultiBinary), off elsewhere (the reference's actor loss), and off for
+#   k = 1, where there is no choice to follow;
+# - random_candidate ("Exploring among the k"): item embeddings explore by playing a random one of the k neighbours
+#   as often as the noise scale allows, which feeds the critic the spread of candidates it must rank.
+KIND_DEFAULTS = {"embeddings": {"choice_pull": 1.0, "random_candidate": 1.0}, "MultiBinary": {"choice_pull": 1.0}}
+FALLBACK_DEFAULTS = {"choice_pull": 0.0, "random_candidate": 0.3}
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
 # minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
@@ -102,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ou_mu", type=float, default=0.0)
     p.add_argument("--init_w", type=float, default=0.003)
     p.add_argument("--epsilon", type=int, default=80000, help="steps over which the noise scale decays to 0")
-    p.add_argument("--random-candidate", type=float, default=0.3,
+    p.add_argument("--random-candidate", type=float, default=None,
                    help="probability, times the decaying noise scale, of playing a uniformly random one of the k "
-                        "candidates instead of the critic's best (0: the reference)")
+                        "candidates instead of the critic's best (default: 1 for action embeddings, else 0.3; "
+                        "0: the reference)")
     p.add_argument("--choice-pull", type=float, default=None,
                    help="weight of a loss pulling the actor's proto-action of each next state of a minibatch towards "
                         "the action chosen for it among its k neighbours (default: 1 for action embeddings and "
@@ -448,9 +453,13 @@ def build(args: argparse.Namespace) -> Setup:
     space = make_action_space(env_id, env.action_space, args) if embeddings is None else \
         make_embedding_space(env_id, env.action_space, embeddings, args)
     k = args.k if args.k is not None else default_k(space, args.k_ratio)
-    if args.choice_pull is None:
-        kind = "embeddings" if embeddings is not None else type(env.action_space).__name__
-        args.choice_pull = CHOICE_PULL.get(kind, 0.0) if k > 1 else 0.0
+    kind = "embeddings" if embeddings is not None else type(env.action_space).__name__
+    defaults = {**FALLBACK_DEFAULTS, **KIND_DEFAULTS.get(kind, {})}
+    if k == 1:
+        defaults["choice_pull"] = 0.0  # a lone candidate: no choice to follow
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     seeded = args.seed > 0
     rng = np.random.default_rng(args.seed if seeded else None)

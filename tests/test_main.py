@@ -116,9 +116,11 @@ def test_cartpole_writes_tensorboard_scalars_per_episode(cartpole):
      dict(k=1, tau=0.001, random_candidate=0.0, choice_pull=0.0)),
     (["--env", "Pendulum-v0", "--max-actions", "15", "--tau-update", "0.02", "--random-candidate", "0.5",
       "--choice-pull", "0.3"], dict(k=2, tau=0.02, random_candidate=0.5, choice_pull=0.3)),
-    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300"], dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=1.0)),
-    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--choice-pull", "0"],
+    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300"], dict(k=30, tau=0.01, random_candidate=1.0, choice_pull=1.0)),
+    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--choice-pull", "0", "--random-candidate", "0.3"],
      dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=0.0)),
+    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--k", "1"],  # random of one: the nearest item
+     dict(k=1, tau=0.01, random_candidate=1.0, choice_pull=0.0)),
     (["--env", "Configurator-v0", "--env-kwargs", "n_choices=6"],  # MultiBinary(6)
      dict(k=6, tau=0.001, random_candidate=0.3, choice_pull=1.0)),
     (["--env", "Configurator-v0", "--env-kwargs", "n_choices=4", "levels=3"],  # MultiDiscrete([3, 3, 3, 3])
