@@ -46,19 +46,20 @@ if TYPE_CHECKING:  # heavy imports wait until the arguments are known good
 
 RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has renamed
 
-# The soft target update rate depends on the env's action space, chosen by 5-seed measurements (README,
-# "Learning results"): a small Discrete set (CartPole, episodes that end on failure) needs a faster target network
-# to propagate value; on a discretised Box (Pendulum) it destabilises learning, so the reference's value stays.
-# MultiBinary and MultiDiscrete sets keep the reference's value too (not measured for them).
-DEFAULT_TAU = {"Box": 0.001, "Discrete": 0.01, "MultiBinary": 0.001, "MultiDiscrete": 0.001}
-# Defaults that depend on the kind of action set, each measured where it differs (README):
+# Defaults that depend on the kind of action set (the action space's class name, or "embeddings" for a Discrete env
+# acted in through its actions' embeddings), each measured where it differs from the fallback (README):
+# - tau_update ("Learning results", 5 seeds): a small Discrete set (CartPole, episodes that end on failure) needs a
+#   faster target network to propagate value; on a discretised Box (Pendulum) that destabilises learning, so the
+#   reference's 0.001 stays there, and for MultiBinary and MultiDiscrete sets (not measured for them);
 # - choice_pull ("The actor's pull"): on where the actions are a thin set inside the actor's box and it was measured
 #   to help (item embeddings, the corners of MultiBinary), off elsewhere (the reference's actor loss), and off for
 #   k = 1, where there is no choice to follow;
 # - random_candidate ("Exploring among the k"): item embeddings explore by playing a random one of the k neighbours
 #   as often as the noise scale allows, which feeds the critic the spread of candidates it must rank.
-KIND_DEFAULTS = {"embeddings": {"choice_pull": 1.0, "random_candidate": 1.0}, "MultiBinary": {"choice_pull": 1.0}}
-FALLBACK_DEFAULTS = {"choice_pull": 0.0, "random_candidate": 0.3}
+KIND_DEFAULTS = {"Discrete": {"tau_update": 0.01},
+                 "embeddings": {"tau_update": 0.01, "choice_pull": 1.0, "random_candidate": 1.0},
+                 "MultiBinary": {"choice_pull": 1.0}}
+FALLBACK_DEFAULTS = {"tau_update": 0.001, "choice_pull": 0.0, "random_candidate": 0.3}
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
 # minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
@@ -447,8 +448,6 @@ def build(args: argparse.Namespace) -> Setup:
         print(f"{args.env} is not in gymnasium; using {env_id} (same dynamics)")
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     env = make_env(env_id, env_kwargs)
-    if args.tau_update is None:
-        args.tau_update = DEFAULT_TAU.get(type(env.action_space).__name__)
     embeddings = load_action_embeddings(env, args)
     space = make_action_space(env_id, env.action_space, args) if embeddings is None else \
         make_embedding_space(env_id, env.action_space, embeddings, args)
