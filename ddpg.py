@@ -52,6 +52,7 @@ class DDPGConfig:
     ou_mu: float = 0.0
     epsilon: float = 80000
     choice_pull: float = 0.0
+    c_lr_end: float = 1.0  # the critic's learning rate is c_lr times this once the exploration noise has run out
     flush_below: float = FLUSH_BELOW
 
 
@@ -76,12 +77,15 @@ def read(tensor: Tensor) -> np.ndarray:
 
 
 class Adam:
-    """torch.optim.Adam for one flat parameter buffer: the L2 penalty is added to the gradient (not AdamW)."""
+    """torch.optim.Adam for one flat parameter buffer: the L2 penalty is added to the gradient (not AdamW).
+    The learning rate lives in a buffer, so that `set_lr` changes it under a compiled step."""
 
     def __init__(self, params: FlatParams, lr: float, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
                  eps: float = 1e-8, flush_below: float = FLUSH_BELOW):
-        self.params, self.lr, self.weight_decay, self.b1, self.b2, self.eps = params, lr, weight_decay, b1, b2, eps
+        self.params, self.weight_decay, self.b1, self.b2, self.eps = params, weight_decay, b1, b2, eps
         self.flush_below = flush_below
+        self.lr, self.lr_value = realized_zeros(1), None
+        self.set_lr(lr)
         self.m = Tensor.zeros_like(params.flat).contiguous().realize()
         self.v = Tensor.zeros_like(params.flat).contiguous().realize()
         self.t = realized_zeros(1)
@@ -99,6 +103,11 @@ class Adam:
         v_hat = self.v / (1 - self.b2 ** self.t)
         p.assign(flush(p.detach() - self.lr * m_hat / (v_hat.sqrt() + self.eps)))
         return [p, self.m, self.v, self.t]
+
+    def set_lr(self, lr: float) -> None:
+        if lr != self.lr_value:
+            write(self.lr, np.array([lr]))
+            self.lr_value = lr
 
     def state(self) -> dict[str, np.ndarray]:
         """Both moments and the step count."""
@@ -207,7 +216,10 @@ class DDPG:
 
     def update(self, memory: ReplayMemory) -> np.ndarray:
         """One DDPG update on a fresh minibatch; returns (critic loss, actor loss, mean Q of the batch before the
-        update), also summed for `update_means`."""
+        update), also summed for `update_means`. Once the exploration noise has run out (epsilon spent), the
+        critic steps at c_lr * c_lr_end: its remaining steps refine the ranking of the candidates rather than chase
+        new data, and a smaller step leaves less noise in that ranking."""
+        self.critic_optim.set_lr(self.cfg.c_lr * (self.cfg.c_lr_end if self.epsilon <= 0 else 1.0))
         sample = memory.sample(self.cfg.batch_size, self.rng)
         for buffer, array in zip(self.batch, sample):
             write(buffer, array)

@@ -18,6 +18,10 @@ import gymnasium as gym
 import numpy as np
 
 ACCEPT_CONTINUE, REJECT_CONTINUE = 0.9, 0.8  # probability that an episode goes on after an accepted / rejected item
+# Recommender-v0's default density: 2% of the items acceptable from each item, at most 12 million non-zeros of W in
+# all (1M items: 12 per item, built in seconds within 400 MB). Much sparser, random recommendations are almost never
+# accepted (0.026% of them with 12 per item at 10,000 items) and exploration finds nothing to learn from.
+DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS = 1 / 50, 12_000_000
 CHUNK = 1 << 14  # rows of the sparse acceptance matrix handled at a time, to bound the memory of temporaries
 
 
@@ -241,6 +245,12 @@ def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int
                             random_return)
 
 
+def default_neighbours(n_items: int) -> float:
+    """Recommender-v0's default mean number of acceptable items per item: 2% of the items, capped so that W holds at
+    most 12 million non-zeros, and at least 1."""
+    return max(1.0, min(n_items * DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS / n_items))
+
+
 class RecommenderEnv(gym.Env):
     """The recommender simulator of Dulac-Arnold et al. (2015), with a known optimum.
 
@@ -251,13 +261,15 @@ class RecommenderEnv(gym.Env):
     and `random_return` are exact expected returns from the start; `optimal_actions[i]` is optimal from item i.
 
     Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4; default 8), neighbours (mean number
-    of items a user at any item may accept, default 12), world_seed (the items and W; default 0).
+    of items a user at any item may accept; default `default_neighbours(n_items)`, 200 at 10,000 items and 12 at a
+    million), world_seed (the items and W; default 0).
     """
     metadata = {"render_modes": []}
 
-    def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float = 12.0, world_seed: int = 0):
+    def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float | None = None, world_seed: int = 0):
         n_items = _check_int("n_items", n_items, 2)
         dim = _check_int("dim", dim, 4)
+        neighbours = default_neighbours(n_items) if neighbours is None else neighbours
         # at most pi n / 10 keeps the acceptance radius below a third of the torus (3 x 3 distinct cells, |s| > r)
         neighbours = _check_float("neighbours", neighbours, 1.0, math.pi * n_items / 10)
         world_seed = _check_int("world_seed", world_seed, 0)

@@ -55,11 +55,13 @@ RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has rena
 #   to help (item embeddings, the corners of MultiBinary), off elsewhere (the reference's actor loss), and off for
 #   k = 1, where there is no choice to follow;
 # - random_candidate ("Exploring among the k"): item embeddings explore by playing a random one of the k neighbours
-#   as often as the noise scale allows, which feeds the critic the spread of candidates it must rank.
+#   as often as the noise scale allows, which feeds the critic the spread of candidates it must rank;
+# - c_lr_end ("The critic's step after exploration"): item embeddings need the critic to rank 1000 candidates of
+#   nearly equal value, which its noisy late steps blur; a tenth of the step once exploration has ended sharpens it.
 KIND_DEFAULTS = {"Discrete": {"tau_update": 0.01},
-                 "embeddings": {"tau_update": 0.01, "choice_pull": 1.0, "random_candidate": 1.0},
+                 "embeddings": {"tau_update": 0.01, "choice_pull": 1.0, "random_candidate": 1.0, "c_lr_end": 0.1},
                  "MultiBinary": {"choice_pull": 1.0}}
-FALLBACK_DEFAULTS = {"tau_update": 0.001, "choice_pull": 0.0, "random_candidate": 0.3}
+FALLBACK_DEFAULTS = {"tau_update": 0.001, "choice_pull": 0.0, "random_candidate": 0.3, "c_lr_end": 1.0}
 
 # Actions of more than one dimension have their k candidates held in memory and scored, for each of a
 # minibatch's states: the default k (k_ratio of the actions) stops here, which combinatorial sets
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden1", type=int, default=256)
     p.add_argument("--hidden2", type=int, default=128)
     p.add_argument("--c-lr", type=float, default=1e-3, help="critic learning rate")
+    p.add_argument("--c-lr-end", type=float, default=None,
+                   help="factor on the critic learning rate once the exploration noise has run out (after --epsilon "
+                        "steps; default: 0.1 for action embeddings, else 1, the reference's constant rate)")
     p.add_argument("--p-lr", type=float, default=1e-4, help="actor learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty added to the gradient (torch Adam)")
     p.add_argument("--warmup", type=int, default=128, help="random steps before the first update")
@@ -223,6 +228,7 @@ class Range:
 RANGES = {
     "max_actions": Range(1), "max_episode": Range(1), "max_episode_length": Range(1), "test_episode": Range(1),
     "gamma": Range(0, 1), "hidden1": Range(1), "hidden2": Range(1), "c_lr": Range(0, low_open=True),
+    "c_lr_end": Range(0, low_open=True),
     "p_lr": Range(0, low_open=True), "weight_decay": Range(0), "warmup": Range(0), "bsize": Range(1),
     "rmsize": Range(1), "tau_update": Range(0, 1, low_open=True), "ou_theta": Range(0), "ou_sigma": Range(0),
     "ou_mu": Range(), "init_w": Range(0, low_open=True), "epsilon": Range(1), "random_candidate": Range(0, 1),
@@ -466,7 +472,7 @@ def build(args: argparse.Namespace) -> Setup:
     cfg = DDPGConfig(hidden1=args.hidden1, hidden2=args.hidden2, init_w=args.init_w, c_lr=args.c_lr,
                      p_lr=args.p_lr, weight_decay=args.weight_decay, gamma=args.gamma, tau=args.tau_update,
                      batch_size=args.bsize, ou_theta=args.ou_theta, ou_sigma=args.ou_sigma, ou_mu=args.ou_mu,
-                     epsilon=args.epsilon, choice_pull=args.choice_pull)
+                     epsilon=args.epsilon, choice_pull=args.choice_pull, c_lr_end=args.c_lr_end)
     try:
         agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring,
                                   random_candidate=args.random_candidate)

@@ -73,7 +73,7 @@ def rollouts(env, policy, episodes: int, seed: int):
 
 
 def test_recommender_rollouts_agree_with_the_exact_returns_and_probabilities():
-    env = make("Recommender-v0", n_items=50)
+    env = make("Recommender-v0", n_items=50, neighbours=12)
     rng = np.random.default_rng(0)
     for policy, expected, seed in ((lambda i: env.optimal_actions[i], env.optimal_return, 1),
                                    (lambda i: int(rng.integers(50)), env.random_return, 2)):
@@ -92,7 +92,7 @@ def test_recommender_rollouts_agree_with_the_exact_returns_and_probabilities():
 
 
 def test_recommender_nearby_items_alike_best_item_not_nearest():
-    env = make("Recommender-v0", n_items=2000, world_seed=5)
+    env = make("Recommender-v0", n_items=2000, neighbours=12, world_seed=5)  # the README quotes its figures
     e, v, best = env.action_embeddings.astype(np.float64), env.world.values, env.optimal_actions
     d2 = ((e[:, None, :] - e[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(d2, np.inf)
@@ -133,6 +133,14 @@ def test_recommender_world_seeds_and_episode_seeds_reproduce():
         runs.append((np.stack([obs] + [s[0] for s in steps]), [s[1:4] for s in steps], [s[4]["item"] for s in steps]))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1:] == runs[1][1:] and sum(r for r, *_ in runs[0][1]) > 0  # rewards, ends and items alike
+
+
+def test_recommender_default_density_is_a_share_of_the_items_capped_in_total():
+    assert envs.default_neighbours(10000) == 200 and envs.default_neighbours(1_000_000) == 12
+    assert envs.default_neighbours(50) == 1 and envs.default_neighbours(10) == 1
+    world = make("Recommender-v0", n_items=2000).world  # 2%: 40 acceptable items per item
+    assert world.nonzeros == pytest.approx(40 * 2000, rel=0.05)
+    assert world is make("Recommender-v0", n_items=2000, neighbours=40).world
 
 
 @pytest.mark.parametrize("kwargs, message", [

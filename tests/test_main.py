@@ -110,33 +110,34 @@ def test_cartpole_writes_tensorboard_scalars_per_episode(cartpole):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--env", "CartPole-v1"], dict(k=2, tau=0.01, random_candidate=0.3, choice_pull=0.0)),
-    (["--env", "Pendulum-v0"], dict(k=20000, tau=0.001, random_candidate=0.3, choice_pull=0.0)),
+    (["--env", "CartPole-v1"], dict(k=2, tau=0.01, random_candidate=0.3, choice_pull=0.0, c_lr_end=1.0)),
+    (["--env", "Pendulum-v0"], dict(k=20000, tau=0.001, random_candidate=0.3, choice_pull=0.0, c_lr_end=1.0)),
     (["--env", "CartPole-v1", "--k", "1", "--tau-update", "0.001", "--random-candidate", "0"],  # the reference
-     dict(k=1, tau=0.001, random_candidate=0.0, choice_pull=0.0)),
+     dict(k=1, tau=0.001, random_candidate=0.0, choice_pull=0.0, c_lr_end=1.0)),
     (["--env", "Pendulum-v0", "--max-actions", "15", "--tau-update", "0.02", "--random-candidate", "0.5",
-      "--choice-pull", "0.3"], dict(k=2, tau=0.02, random_candidate=0.5, choice_pull=0.3)),
-    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300"], dict(k=30, tau=0.01, random_candidate=1.0, choice_pull=1.0)),
-    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--choice-pull", "0", "--random-candidate", "0.3"],
-     dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=0.0)),
+      "--choice-pull", "0.3"], dict(k=2, tau=0.02, random_candidate=0.5, choice_pull=0.3, c_lr_end=1.0)),
+    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300"],
+     dict(k=30, tau=0.01, random_candidate=1.0, choice_pull=1.0, c_lr_end=0.1)),
+    (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--choice-pull", "0", "--random-candidate", "0.3",
+      "--c-lr-end", "1"], dict(k=30, tau=0.01, random_candidate=0.3, choice_pull=0.0, c_lr_end=1.0)),
     (["--env", "Recommender-v0", "--env-kwargs", "n_items=300", "--k", "1"],  # random of one: the nearest item
-     dict(k=1, tau=0.01, random_candidate=1.0, choice_pull=0.0)),
+     dict(k=1, tau=0.01, random_candidate=1.0, choice_pull=0.0, c_lr_end=0.1)),
     (["--env", "Configurator-v0", "--env-kwargs", "n_choices=6"],  # MultiBinary(6)
-     dict(k=6, tau=0.001, random_candidate=0.3, choice_pull=1.0)),
+     dict(k=6, tau=0.001, random_candidate=0.3, choice_pull=1.0, c_lr_end=1.0)),
     (["--env", "Configurator-v0", "--env-kwargs", "n_choices=4", "levels=3"],  # MultiDiscrete([3, 3, 3, 3])
-     dict(k=8, tau=0.001, random_candidate=0.3, choice_pull=0.0)),
+     dict(k=8, tau=0.001, random_candidate=0.3, choice_pull=0.0, c_lr_end=1.0)),
     (["--env", "Configurator-v0", "--env-kwargs", "n_choices=6", "--k", "1"],  # no choice to pull towards
-     dict(k=1, tau=0.001, random_candidate=0.3, choice_pull=0.0)),
+     dict(k=1, tau=0.001, random_candidate=0.3, choice_pull=0.0, c_lr_end=1.0)),
 ])
 def test_defaults_by_action_space_and_flags_that_override_them(flags, expected):
     import main
     args = main.parse_args(flags)
     setup = main.build(args)
     got = dict(k=setup.k, tau=setup.agent.cfg.tau, random_candidate=setup.agent.random_candidate,
-               choice_pull=setup.agent.cfg.choice_pull)
+               choice_pull=setup.agent.cfg.choice_pull, c_lr_end=setup.agent.cfg.c_lr_end)
     assert got == expected
-    assert (args.tau_update, args.random_candidate, args.choice_pull) == \
-        (expected["tau"], expected["random_candidate"], expected["choice_pull"])
+    assert (args.tau_update, args.random_candidate, args.choice_pull, args.c_lr_end) == \
+        (expected["tau"], expected["random_candidate"], expected["choice_pull"], expected["c_lr_end"])
 
 
 def test_same_seed_same_returns(cartpole, tmp_path):

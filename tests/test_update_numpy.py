@@ -12,6 +12,7 @@ the two anywhere shows) chosen so that the critic's best candidates are spread o
 kinks included; every seed below is checked for near-ties that would make the argmax ambiguous.
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -265,6 +266,24 @@ def test_three_updates_equal_numpy(case):
     p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
     for _ in range(3):
         expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
+        assert_matches(agent, expected, agent.update(memory), adam_state)
+        p = expected[0]
+
+
+def test_critic_steps_at_c_lr_times_c_lr_end_once_exploration_has_run_out():
+    """c_lr_end: updates 1-2 while exploring step the critic at c_lr; update 3, replayed by the compiled step after
+    the noise's epsilon is spent, at c_lr * c_lr_end (so the rate is a buffer, not a constant frozen at capture);
+    the actor's rate does not change."""
+    space, k, seed = CASES["2d-search"]
+    agent = make_agent(space, k, seed, c_lr_end=0.1)
+    memory = random_memory(agent, seed)
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
+    p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
+    for update in range(3):
+        if update == 2:
+            agent.epsilon = 0.0
+        cfg = dataclasses.replace(agent.cfg, c_lr=agent.cfg.c_lr * (0.1 if update == 2 else 1.0))
+        expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, cfg)
         assert_matches(agent, expected, agent.update(memory), adam_state)
         p = expected[0]
 
