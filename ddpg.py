@@ -105,6 +105,7 @@ class Adam:
         return [p, self.m, self.v, self.t]
 
     def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps (copied into the buffer only when it changes)."""
         if lr != self.lr_value:
             write(self.lr, np.array([lr]))
             self.lr_value = lr

@@ -212,6 +212,19 @@ def assert_matches(agent, expected, losses, adam_state):
                                    err_msg=net)
 
 
+def assert_updates_match_numpy(agent, memory, k, exploring):
+    """Consecutive updates against numpy, one per entry of `exploring`: whether exploration noise is left (epsilon
+    > 0) at that update; without it the critic's rate is c_lr * c_lr_end."""
+    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
+    p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
+    for noise_left in exploring:
+        agent.epsilon = 1.0 if noise_left else 0.0
+        cfg = dataclasses.replace(agent.cfg, c_lr=agent.cfg.c_lr * (1.0 if noise_left else agent.cfg.c_lr_end))
+        expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, cfg)
+        assert_matches(agent, expected, agent.update(memory), adam_state)
+        p = expected[0]
+
+
 # --- tests -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_one_update_equals_numpy(case):
@@ -261,13 +274,7 @@ def test_three_updates_equal_numpy(case):
     candidate buffers, Adam's bias corrections for t = 2, 3."""
     space, k, seed = CASES[case]
     agent = make_agent(space, k, seed)
-    memory = random_memory(agent, seed)
-    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
-    p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
-    for _ in range(3):
-        expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, agent.cfg)
-        assert_matches(agent, expected, agent.update(memory), adam_state)
-        p = expected[0]
+    assert_updates_match_numpy(agent, random_memory(agent, seed), k, exploring=(True, True, True))
 
 
 def test_critic_steps_at_c_lr_times_c_lr_end_once_exploration_has_run_out():
@@ -276,16 +283,7 @@ def test_critic_steps_at_c_lr_times_c_lr_end_once_exploration_has_run_out():
     the actor's rate does not change."""
     space, k, seed = CASES["2d-search"]
     agent = make_agent(space, k, seed, c_lr_end=0.1)
-    memory = random_memory(agent, seed)
-    grid = agent.space.points(every_id(agent.space)).astype(np.float64)
-    p, adam_state = numpy_params(agent), {"critic": {}, "actor": {}}
-    for update in range(3):
-        if update == 2:
-            agent.epsilon = 0.0
-        cfg = dataclasses.replace(agent.cfg, c_lr=agent.cfg.c_lr * (0.1 if update == 2 else 1.0))
-        expected = expected_update(p, adam_state, next_batch(agent, memory), grid, k, cfg)
-        assert_matches(agent, expected, agent.update(memory), adam_state)
-        p = expected[0]
+    assert_updates_match_numpy(agent, random_memory(agent, seed), k, exploring=(True, True, False))
 
 
 @pytest.mark.parametrize("weight_decay", [CFG["weight_decay"], 0.0])
