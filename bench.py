@@ -33,7 +33,7 @@ import platform
 import time
 from pathlib import Path
 
-from main import build, parse_args, run_episode  # first: it sets runtime options that numpy reads on import
+from main import build, given_flags, parse_args, run_episode, test_args  # first: it sets runtime options that numpy reads on import
 
 import numpy as np  # noqa: E402
 
@@ -358,17 +358,22 @@ def optimum(opts: argparse.Namespace) -> None:
     print(f"wrote {folder / 'optimum.json'} and {folder / 'optimum.png'}")
 
 
+def trained_setup(opts: argparse.Namespace):
+    """The agent of the run folder opts.run, with the settings it trained with and the flags given after --."""
+    argv = ["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags]
+    return build(test_args(parse_args(argv), given_flags(argv)))
+
+
 def choice(opts: argparse.Namespace) -> None:
     """Where a trained Recommender-v0 agent loses return: with every item as the state, the exact returns (fractions of
     the optimum) of its noise-free policy (the critic's best of the k neighbours of the proto-action), of the item
     nearest the proto-action (k = 1), and of the best of the same k items by the true gain (a perfect critic); the
     share of items whose k neighbours hold any acceptable item; how far the proto-actions lie from the items."""
     from tinygrad import Tensor
-    args = parse_args(["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags])
-    setup = build(args)
+    setup = trained_setup(opts)
     env, agent, space, k = setup.env.unwrapped, setup.agent, setup.space, setup.k
     if not hasattr(env, "recommendation_gain"):
-        raise SystemExit(f"error: {args.env} is not Recommender-v0 (no recommendation_gain)")
+        raise SystemExit(f"error: {setup.env_id} is not Recommender-v0 (no recommendation_gain)")
     items = np.arange(env.n_items)
     to_env = np.vectorize(space.to_env)
     policies = {"agent (critic's best of k)": [], "item nearest the proto-action": [], "best of the k by true gain": []}
@@ -430,11 +435,10 @@ def bounds(opts: argparse.Namespace) -> None:
     from tinygrad import Tensor
 
     from action_space import GridActionSpace
-    args = parse_args(["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags])
-    setup = build(args)
+    setup = trained_setup(opts)
     agent, space, k = setup.agent, setup.space, setup.k
     if not isinstance(space, GridActionSpace) or space.dim < 2:
-        raise SystemExit(f"error: {args.env}'s action set is not a grid of more than one axis")
+        raise SystemExit(f"error: {setup.env_id}'s action set is not a grid of more than one axis")
     # the critic in float64 numpy, not model.Critic's float32 graph: the bounds and the Q they must reach share
     # one arithmetic, so that the comparison below needs no float32 slack
     p = {name: a.astype(np.float64) for name, a in agent.critic.state_dict().items()}

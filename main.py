@@ -186,17 +186,49 @@ def load_folder(args: argparse.Namespace) -> Path:
     return folder
 
 
-def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> argparse.Namespace:
-    """The checkpoint's settings, with the flags of RESUME_MAY_CHANGE given on this command line; a flag given
-    with another value than the checkpoint's is an error."""
+def with_saved_settings(args: argparse.Namespace, given: set[str], saved: dict, resuming: bool) -> argparse.Namespace:
+    """A run's saved settings, with the flags given on this command line. A given flag outside RESUME_MAY_CHANGE
+    whose value differs from the run's is an error when resuming (the run must continue exactly), and a notice
+    when testing (the same weights, say, at another k)."""
     merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
     for name in given:
-        if name in RESUME_MAY_CHANGE:
-            setattr(merged, name, getattr(args, name))
-        elif getattr(args, name) != saved.get(name):
-            raise UsageError(f"--load continues a run with its own settings: {option(name)} is {saved.get(name)!r} "
-                             f"there, not {getattr(args, name)!r} (start a new run to change it)")
+        value, theirs = getattr(args, name), saved.get(name)
+        if name not in RESUME_MAY_CHANGE and value != theirs:
+            if resuming:
+                raise UsageError(f"--load continues a run with its own settings: {option(name)} is {theirs!r} "
+                                 f"there, not {value!r} (start a new run to change it)")
+            print(f"notice: testing with {option(name)} {value!r}; the run trained with "
+                  f"{'its default' if theirs is None else repr(theirs)}")
+        setattr(merged, name, value)
     return merged
+
+
+def training_settings(folder: Path) -> dict | None:
+    """The settings of the run whose weights `folder` holds: its checkpoint's, or for a best/ folder (weights
+    only) its run's; None where neither records them (an older checkpoint, weights from elsewhere)."""
+    from ddpg import CHECKPOINT
+    from util import read_tensors
+
+    for path in (folder / CHECKPOINT, folder.parent / CHECKPOINT if folder.name == "best" else None):
+        if path is not None and path.is_file():
+            try:
+                saved = read_tensors(path, [])[1] or {}
+            except ValueError as e:
+                raise UsageError(f"cannot load {path}: {e}") from None
+            if "args" in saved:
+                return saved["args"]
+    return None
+
+
+def test_args(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
+    """Test mode's settings: those the weights were trained with, so that the agent tested is the agent trained,
+    with the flags given on this command line."""
+    folder = load_folder(args)
+    saved = training_settings(folder)
+    if saved is None:
+        print(f"notice: {folder} records no training settings: the flags of this command line describe the agent")
+        return args
+    return with_saved_settings(args, given, saved, resuming=False)
 
 
 class UsageError(Exception):
@@ -725,7 +757,7 @@ def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Nam
         print(f"notice: {folder} holds weights only (an older checkpoint, or best/): Adam's moments, exploration, "
               "random states, counters and replay memory start afresh")
         return args, None
-    args = resume_args(args, given, saved["args"])
+    args = with_saved_settings(args, given, saved["args"], resuming=True)
     if args.max_episode <= saved["episode"]:
         raise UsageError(f"{folder} is already trained to Ep:{saved['episode']}; give a larger --max-episode")
     return args, Resume(folder, arrays, saved)
@@ -740,6 +772,8 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
         if args.mode == "plot":
             plot(args)
             return 0
+        if args.mode == "test":
+            args = test_args(args, given)
         args, resume = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
         try:
             with stop.interruptible() if stop else contextlib.nullcontext():

@@ -219,6 +219,19 @@ def test_test_mode_reloads_the_weights(cartpole):
     assert snapshot(run_dir) == before
 
 
+def test_test_mode_takes_the_runs_settings_and_names_the_flags_that_differ(cartpole, tmp_path):
+    _, run_dir = cartpole
+    for folder, flags in ((run_dir, ["--k", 1]), (run_dir / "best", [])):  # best/ holds weights only: its run's
+        result = run_main("--mode", "test", "--load-model-dir", folder, "--test-episode", 1, "--output", tmp_path,
+                          *flags)
+        assert result.returncode == 0, result.stderr
+        test_dir = sorted(tmp_path.glob("CartPole-v1-run*"))[-1]
+        log = log_messages(test_dir / "RS_test_log")
+        assert "warmup: 20" in log and "seed: 3" in log and "save_per_epochs: 2" in log  # not the defaults
+        assert ("k: 1" in log) == bool(flags) and ("k: None" in log) != bool(flags)
+        assert ("notice: testing with --k 1; the run trained with its default" in result.stdout) == bool(flags)
+
+
 def test_continue_training_with_load(cartpole, tmp_path):
     _, run_dir = cartpole
     before = snapshot(run_dir)
