@@ -33,7 +33,7 @@ import platform
 import time
 from pathlib import Path
 
-from main import build, given_flags, parse_args, run_episode, test_args  # first: it sets runtime options that numpy reads on import
+from main import build, given_flags, parse_args, run_episode, trained_args  # first: it sets runtime options that numpy reads on import
 
 import numpy as np  # noqa: E402
 
@@ -361,7 +361,7 @@ def optimum(opts: argparse.Namespace) -> None:
 def trained_setup(opts: argparse.Namespace):
     """The agent of the run folder opts.run, with the settings it trained with and the flags given after --."""
     argv = ["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags]
-    return build(test_args(parse_args(argv), given_flags(argv)))
+    return build(trained_args(parse_args(argv), given_flags(argv)))
 
 
 def choice(opts: argparse.Namespace) -> None:

@@ -189,7 +189,7 @@ def load_folder(args: argparse.Namespace) -> Path:
 def with_saved_settings(args: argparse.Namespace, given: set[str], saved: dict, resuming: bool) -> argparse.Namespace:
     """A run's saved settings, with the flags given on this command line. A given flag outside RESUME_MAY_CHANGE
     whose value differs from the run's is an error when resuming (the run must continue exactly), and a notice
-    when testing (the same weights, say, at another k)."""
+    otherwise (the same weights, say, tested at another k)."""
     merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}})
     for name in given:
         value, theirs = getattr(args, name), saved.get(name)
@@ -197,7 +197,7 @@ def with_saved_settings(args: argparse.Namespace, given: set[str], saved: dict, 
             if resuming:
                 raise UsageError(f"--load continues a run with its own settings: {option(name)} is {theirs!r} "
                                  f"there, not {value!r} (start a new run to change it)")
-            print(f"notice: testing with {option(name)} {value!r}; the run trained with "
+            print(f"notice: {option(name)} {value!r} given; the run trained with "
                   f"{'its default' if theirs is None else repr(theirs)}")
         setattr(merged, name, value)
     return merged
@@ -220,9 +220,10 @@ def training_settings(folder: Path) -> dict | None:
     return None
 
 
-def test_args(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
-    """Test mode's settings: those the weights were trained with, so that the agent tested is the agent trained,
-    with the flags given on this command line."""
+def trained_args(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
+    """The settings for weights loaded without their training state (--mode test, --load of best/ or of older
+    weights): those the weights were trained with, so that the agent loaded is the agent trained, with the flags
+    given on this command line."""
     folder = load_folder(args)
     saved = training_settings(folder)
     if saved is None:
@@ -756,7 +757,7 @@ def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Nam
     if saved is None or "args" not in saved:
         print(f"notice: {folder} holds weights only (an older checkpoint, or best/): Adam's moments, exploration, "
               "random states, counters and replay memory start afresh")
-        return args, None
+        return trained_args(args, given), None
     args = with_saved_settings(args, given, saved["args"], resuming=True)
     if args.max_episode <= saved["episode"]:
         raise UsageError(f"{folder} is already trained to Ep:{saved['episode']}; give a larger --max-episode")
@@ -773,7 +774,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> 
             plot(args)
             return 0
         if args.mode == "test":
-            args = test_args(args, given)
+            args = trained_args(args, given)
         args, resume = resume_from(args, given) if args.mode == "train" and args.load else (args, None)
         try:
             with stop.interruptible() if stop else contextlib.nullcontext():

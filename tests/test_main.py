@@ -219,17 +219,21 @@ def test_test_mode_reloads_the_weights(cartpole):
     assert snapshot(run_dir) == before
 
 
-def test_test_mode_takes_the_runs_settings_and_names_the_flags_that_differ(cartpole, tmp_path):
+@pytest.mark.parametrize("mode,weights,flags", [("test", "run", ["--k", 1]), ("test", "best", []),
+                                               ("load", "best", ["--max-episode", 1])])
+def test_loaded_weights_take_their_runs_settings_and_name_the_flags_that_differ(mode, weights, flags, cartpole,
+                                                                                  tmp_path):
+    """--mode test, and --load of best/ (weights only: the settings are its run's), load the agent trained."""
     _, run_dir = cartpole
-    for folder, flags in ((run_dir, ["--k", 1]), (run_dir / "best", [])):  # best/ holds weights only: its run's
-        result = run_main("--mode", "test", "--load-model-dir", folder, "--test-episode", 1, "--output", tmp_path,
-                          *flags)
-        assert result.returncode == 0, result.stderr
-        test_dir = sorted(tmp_path.glob("CartPole-v1-run*"))[-1]
-        log = log_messages(test_dir / "RS_test_log")
-        assert "warmup: 20" in log and "seed: 3" in log and "save_per_epochs: 2" in log  # not the defaults
-        assert ("k: 1" in log) == bool(flags) and ("k: None" in log) != bool(flags)
-        assert ("notice: testing with --k 1; the run trained with its default" in result.stdout) == bool(flags)
+    folder = run_dir if weights == "run" else run_dir / "best"
+    how = ["--mode", "test", "--test-episode", 1] if mode == "test" else ["--load"]
+    result = run_main(*how, "--load-model-dir", folder, "--output", tmp_path, *flags)
+    assert result.returncode == 0, result.stderr
+    log = log_messages(tmp_path / "CartPole-v1-run1" / f"RS_{mode.replace('load', 'train')}_log")
+    assert "warmup: 20" in log and "seed: 3" in log and "save_per_epochs: 2" in log  # not the defaults
+    k_given = "--k" in flags
+    assert ("k: 1" in log) == k_given and ("k: None" in log) != k_given
+    assert ("notice: --k 1 given; the run trained with its default" in result.stdout) == k_given
 
 
 def test_continue_training_with_load(cartpole, tmp_path):
