@@ -33,7 +33,8 @@ import platform
 import time
 from pathlib import Path
 
-from main import build, given_flags, parse_args, run_episode, trained_args  # first: it sets runtime options that numpy reads on import
+# main first: it sets runtime options that numpy reads on import
+from main import build, given_flags, parse_args, run_episode, trained_args
 
 import numpy as np  # noqa: E402
 
