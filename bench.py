@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 # main first: it sets runtime options that numpy reads on import
-from main import build, given_flags, parse_args, run_episode, trained_args
+from main import Setup, build, given_flags, parse_args, run_episode, trained_args
 
 import numpy as np  # noqa: E402
 
@@ -359,7 +359,7 @@ def optimum(opts: argparse.Namespace) -> None:
     print(f"wrote {folder / 'optimum.json'} and {folder / 'optimum.png'}")
 
 
-def trained_setup(opts: argparse.Namespace):
+def trained_setup(opts: argparse.Namespace) -> Setup:
     """The agent of the run folder opts.run, with the settings it trained with and the flags given after --."""
     argv = ["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags]
     return build(trained_args(parse_args(argv), given_flags(argv)))
