@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything this project needs, then run it:
 #   bash setup.sh run [main.py flags]   train (default: Pendulum-v0, 200000 actions, 150 episodes)
-#   bash setup.sh test [pytest flags]   run the test suite
+#   bash setup.sh test [pytest flags]   run the test suite, one worker per core (pytest-xdist), a test file per worker
 # Installs clang (tinygrad's CPU compiler) with apt-get when it is missing and this is root,
 # creates .venv with Python 3.11+ and installs requirements.txt into it (again only when it changed).
 set -euo pipefail
@@ -38,6 +38,6 @@ fi
 case "${1:-}" in
   run)  shift; [ $# -gt 0 ] || set -- --env Pendulum-v0 --max-actions 200000 --max-episode 150
         exec .venv/bin/python main.py "$@" ;;
-  test) shift; exec .venv/bin/python -m pytest -q "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@" ;;
   *)    die "usage: bash setup.sh run [main.py flags] | bash setup.sh test [pytest flags]" ;;
 esac
