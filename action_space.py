@@ -163,10 +163,9 @@ class GridActionSpace(ActionSpace):
     def _grid_search(self, protos: np.ndarray, k: int) -> np.ndarray:
         """Exact k-NN, (B, dim) -> coordinates (B, k, dim): the k smallest sums of per-axis squared distances.
 
-        Axis by axis, the k smallest partial sums over the axes so far are combined with the axis's nearest
-        coordinates, the b-th nearest with only the k // (b + 1) smallest partial sums (see `_merge_blocks`),
-        so the cost is about k * (dim + sum of log counts) per query, whatever the number of actions. Ties at
-        the k-th distance are broken arbitrarily.
+        The axes' lists of nearest coordinates are merged pairwise, as a balanced tree (`_smallest_sums`); a
+        merge of two lists of k costs about k ln k per query, whatever the number of actions. Ties at the k-th
+        distance are broken arbitrarily.
         """
         batch = len(protos)
         out = np.zeros((batch, k, self.dim), self.coord_dtype)  # axes of one point stay at coordinate 0
@@ -174,52 +173,78 @@ class GridActionSpace(ActionSpace):
         if not axes:
             return out
         nearest = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
-        sums = nearest[0][1]                        # ascending: the sums over the axes so far, k at most
-        merges = []                                 # per later axis: its block sizes, the candidates kept
-        for step, (_, cost) in enumerate(nearest[1:], 1):
-            sizes = _merge_blocks(sums.shape[1], cost.shape[1], k)
-            offsets = np.cumsum((0,) + sizes)
-            candidates = np.empty((batch, offsets[-1]))
-            for rank, size in enumerate(sizes):     # block b: the first size_b partial sums plus the b-th cost
-                np.add(sums[:, :size], cost[:, rank, None], out=candidates[:, offsets[rank]:offsets[rank + 1]])
-            keep = min(k, offsets[-1])
-            # the next merge needs the t smallest sums in front for each of its block sizes t
-            width = nearest[step + 1][1].shape[1] if step + 1 < len(nearest) else 1
-            kth = sorted(set(_merge_blocks(keep, width, k)) | {keep}) if width > 1 else [keep]
-            chosen = np.argpartition(candidates, np.array(kth) - 1, axis=1)[:, :keep] \
-                if kth != [offsets[-1]] else np.broadcast_to(np.arange(keep), (batch, keep))
-            sums = np.take_along_axis(candidates, chosen, 1)
-            merges.append((sizes, chosen))
-        position = np.broadcast_to(np.arange(k), (batch, k))
-        for step in range(len(axes) - 1, -1, -1):   # walk back from the k sums to the coordinate of each axis
-            rank = position
-            if step > 0:
-                sizes, chosen = merges[step - 1]
-                candidate = np.take_along_axis(chosen, position, 1)
-                block, first = _block_lookup(sizes)
-                rank = block[candidate]
-                position = first[candidate]
-            out[:, :, axes[step]] = np.take_along_axis(nearest[step][0], rank, 1)
+        if len(axes) == 1:
+            out[:, :, axes[0]] = nearest[0][0]
+            return out
+        _, codes, _ = _smallest_sums([cost for _, cost in nearest], k, ordered=False)
+        for code, members in codes:
+            stride = 1
+            for member in members:
+                coords = nearest[member][0]
+                rank = (code // stride if stride > 1 else code) % coords.shape[1]
+                out[:, :, axes[member]] = _gather(coords, rank)
+                stride *= coords.shape[1]
         return out
 
 
-@lru_cache(maxsize=256)
-def _merge_blocks(n_sums: int, n_axis: int, k: int) -> tuple[int, ...]:
-    """How many of the smallest partial sums to pair with an axis's b-th nearest coordinate, for each b.
+CODE_LIMIT = 2 ** 62  # a merged list numbers its combinations in one int64 while they fit
+SLICED_BLOCK = 16      # candidate pairs: blocks this long are added as slices, shorter ones gathered
 
-    With both lists ascending, the pair (a, b) is at least as large as the (a + 1)(b + 1) - 1 pairs before
-    it in both, so only pairs with (a + 1)(b + 1) <= k can be among the k smallest: about k * ln(n_axis) of
-    them. The partial sums need not be sorted, only partitioned so that the first t of them are the t
-    smallest for each of these sizes t.
+
+def _smallest_sums(costs: list[np.ndarray], k: int, ordered: bool) -> tuple[np.ndarray | None, list, int]:
+    """The min(k, all) smallest sums of one entry from each ascending (B, w_i) cost list, and which entries.
+
+    Merges two halves of the lists, each reduced the same way to its k smallest sums in ascending order: in two
+    ascending lists the pair of ranks (a, b) has (a + 1)(b + 1) - 1 pairs at or below it, so only the pairs with
+    (a + 1)(b + 1) <= k can be among the k smallest (about k ln k of them, `_pair_candidates`).
+
+    Returns the sums (ascending if `ordered`, else None: the caller needs only which entries), the entries as a
+    list of (code, members): a code numbers the ranks of its member lists in mixed radix (the first member
+    varies fastest), None standing for a single list's own rank, and one code per group of lists whose
+    combinations fit in CODE_LIMIT; and how many numbers the last code spans (CODE_LIMIT + 1 once codes split).
     """
-    return tuple(min(n_sums, k // (b + 1)) for b in range(n_axis))
+    if len(costs) == 1:
+        return costs[0], [(None, [0])], costs[0].shape[1]
+    half = (len(costs) + 1) // 2  # the longer half on the left, which pairs by slices
+    left, left_codes, left_span = _smallest_sums(costs[:half], k, ordered=True)
+    right, right_codes, right_span = _smallest_sums(costs[half:], k, ordered=True)
+    rank_left, rank_right, sliced = _pair_candidates(left.shape[1], right.shape[1], k)
+    candidates = np.empty((len(left), len(rank_left)))
+    start = 0
+    for b, size in enumerate(sliced):  # long blocks (pairs of one right rank) as slices, faster than a gather
+        np.add(left[:, :size], right[:, b, None], out=candidates[:, start:start + size])
+        start += size
+    np.add(left[:, rank_left[start:]], right[:, rank_right[start:]], out=candidates[:, start:])
+    keep = min(k, len(rank_left))
+    if keep < len(rank_left):
+        chosen = np.argpartition(candidates, keep - 1, axis=1)[:, :keep]
+        if ordered:
+            chosen = _gather(chosen, np.argsort(_gather(candidates, chosen), axis=1))
+    else:
+        chosen = np.argsort(candidates, axis=1) if ordered else np.broadcast_to(np.arange(keep), candidates.shape)
+    sums = _gather(candidates, chosen) if ordered else None
+    a, b = rank_left[chosen], rank_right[chosen]
+    left_codes = [(a if code is None else _gather(code, a), members) for code, members in left_codes]
+    right_codes = [(b if code is None else _gather(code, b), [half + m for m in members]) for code, members in right_codes]
+    if len(left_codes) == 1 and len(right_codes) == 1 and left_span * right_span <= CODE_LIMIT:
+        (code_a, members_a), (code_b, members_b) = left_codes[0], right_codes[0]
+        return sums, [(code_a + code_b * left_span, members_a + members_b)], left_span * right_span
+    return sums, left_codes + right_codes, CODE_LIMIT + 1
 
 
 @lru_cache(maxsize=256)
-def _block_lookup(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """For each position of blocks of these sizes laid end to end: its block, and its position in the block."""
-    block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-    return block, np.arange(len(block), dtype=np.int32) - np.cumsum((0,) + sizes[:-1], dtype=np.int32)[block]
+def _pair_candidates(n_left: int, n_right: int, k: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The rank pairs (a, b) with (a + 1)(b + 1) <= k of two ascending lists of these lengths, as two arrays in
+    blocks of one b each, and the sizes of the leading blocks of at least SLICED_BLOCK pairs."""
+    sizes = [min(n_left, k // (b + 1)) for b in range(min(n_right, k))]
+    sliced = tuple(size for size in sizes if size >= SLICED_BLOCK)  # sizes never grow with b
+    return np.concatenate([np.arange(size) for size in sizes]), np.repeat(np.arange(len(sizes)), sizes), sliced
+
+
+def _gather(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """rows[b, index[b, j]] for every b, j: numpy's take_along_axis, about 3x faster through a flat index."""
+    rows = np.ascontiguousarray(rows)
+    return np.take(rows.ravel(), index + (np.arange(len(rows)) * rows.shape[1])[:, None])
 
 
 EMBEDDING_KNN = ("auto", "exact", "ivf", "flann")

@@ -2,6 +2,7 @@
 
     python bench_knn.py                    # against 112d814 (the box search), at about 200,000 actions
     python bench_knn.py --commit abc1234 --dims 3 --ks 2000
+    python bench_knn.py --commit abc1234 --dims --multibinary 20 40 --ks 10485   # MultiBinary(20) and (40)
 
 Times one minibatch of 64 queries (`GridActionSpace.search`), the median of --repeats calls (one call
 where the earlier search takes seconds).
@@ -46,21 +47,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--commit", default="112d814")
     p.add_argument("--actions", type=int, default=200000)
-    p.add_argument("--dims", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument("--dims", type=int, nargs="*", default=[2, 3, 4, 6], help="Box grids of these dimensions")
+    p.add_argument("--multibinary", type=int, nargs="*", default=[], help="MultiBinary spaces of these sizes")
     p.add_argument("--ks", type=int, nargs="+", default=[2000, 20000])
     p.add_argument("--repeats", type=int, default=3)
     opts = p.parse_args()
     earlier, rng = earlier_module(opts.commit).GridActionSpace, np.random.default_rng(0)
-    print(f"| d | actions | k | {opts.commit} ms | this ms | speed-up |\n|---|---|---|---|---|---|")
-    for d in opts.dims:
-        before, now = (cls.continuous(-np.ones(d), np.ones(d), opts.actions) for cls in (earlier, GridActionSpace))
+    spaces = [(f"Box d = {d}", lambda cls, d=d: cls.continuous(-np.ones(d), np.ones(d), opts.actions)) for d in opts.dims]
+    spaces += [(f"MultiBinary({n})", lambda cls, n=n: cls.multi_discrete(np.full(n, 2), np.zeros(n, np.int8)))
+               for n in opts.multibinary]
+    print(f"| space | actions | k | {opts.commit} ms | this ms | speed-up |\n|---|---|---|---|---|---|")
+    for name, make in spaces:
+        before, now = make(earlier), make(GridActionSpace)
         for k in opts.ks:
-            protos = rng.uniform(-1, 1, (64, d))
+            protos = rng.uniform(-1, 1, (64, now.dim))
             ms_now = median_ms(lambda: now.search(protos, k), opts.repeats)
             first = median_ms(lambda: before.search(protos, k), 1)
             ms_before = first if first > 1000 else median_ms(lambda: before.search(protos, k), opts.repeats)
-            print(f"| {d} | {now.n} | {k} | {ms_before:.0f} | {ms_now:.1f} | {ms_before / ms_now:.0f}x |", flush=True)
-
+            print(f"| {name} | {now.n} | {k} | {ms_before:.1f} | {ms_now:.1f} | {ms_before / ms_now:.1f}x |", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

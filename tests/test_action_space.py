@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
+import action_space
 from action_space import GridActionSpace
 
 
@@ -89,14 +90,26 @@ def test_lattice_search_equals_brute_force(dim, max_actions, k):
 
 @pytest.mark.parametrize("nvec,k", [((2,) * 8, 1), ((2,) * 8, 2), ((2,) * 8, 37), ((2,) * 8, 256), ((2,) * 10, 100),
                                     ((3, 1, 7, 2, 5), 1), ((3, 1, 7, 2, 5), 29), ((3, 1, 7, 2, 5), 210),
-                                    ((40, 2, 3), 61), ((1, 1), 1), ((6, 5, 4, 3, 2, 2), 500)])
+                                    ((40, 2, 3), 61), ((1, 1), 1), ((6, 5, 4, 3, 2, 2), 500),
+                                    ((2,) * 12, 37), ((4,) * 6, 50), ((5, 5, 5, 5), 33), ((7,) * 5, 200)])
 def test_combinatorial_search_equals_brute_force(nvec, k):
-    """MultiBinary (the hypercube's corners) and uneven MultiDiscrete, axes of one point included."""
+    """MultiBinary (the hypercube's corners) and uneven MultiDiscrete, axes of one point included; in the last
+    four the merged halves hold more than k combinations, so they are cut to their k smallest."""
     space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
     rng = np.random.default_rng(k)
     protos = awkward_protos(space, rng)
     protos[:4, :] = 0.0                                                # every corner of a hypercube ties
     assert_exact_knn(space, protos, k)
+
+
+@pytest.mark.parametrize("code_limit", [1, 7, 40])
+def test_search_equals_brute_force_when_combinations_outgrow_one_code(monkeypatch, code_limit):
+    """Past 2^62 combinations (MultiBinary(63) and up) the merged lists number their entries in several codes:
+    the same search with that limit lowered, so that small spaces split their codes at every level, or some."""
+    monkeypatch.setattr(action_space, "CODE_LIMIT", code_limit)
+    for nvec, k in [((6, 5, 4, 3, 2, 2), 500), ((2,) * 9, 100), ((3, 1, 7, 2, 5), 29)]:
+        space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
+        assert_exact_knn(space, awkward_protos(space, np.random.default_rng(k)), k)
 
 
 def test_search_never_enumerates_a_huge_space():
