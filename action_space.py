@@ -205,7 +205,7 @@ def _smallest_sums(costs: list[np.ndarray], k: int, ordered: bool) -> tuple[np.n
     """
     if len(costs) == 1:
         return costs[0], [(None, [0])], costs[0].shape[1]
-    half = (len(costs) + 1) // 2  # the longer half on the left, which pairs by slices
+    half = (len(costs) + 1) // 2  # more lists on the left: usually the longer list, which pairs by slices
     left, left_codes, left_span = _smallest_sums(costs[:half], k, ordered=True)
     right, right_codes, right_span = _smallest_sums(costs[half:], k, ordered=True)
     rank_left, rank_right, sliced = _pair_candidates(left.shape[1], right.shape[1], k)
