@@ -66,5 +66,6 @@ def main() -> None:
             ms_before = first if first > 1000 else median_ms(lambda: before.search(protos, k), opts.repeats)
             print(f"| {name} | {now.n} | {k} | {ms_before:.1f} | {ms_now:.1f} | {ms_before / ms_now:.1f}x |", flush=True)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -203,18 +203,23 @@ def with_saved_settings(args: argparse.Namespace, given: set[str], saved: dict, 
     return merged
 
 
+def read_checkpoint(path: Path, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+    """A checkpoint's arrays (all, or those named) and metadata; a damaged file is a UsageError naming it."""
+    from util import read_tensors
+    try:
+        return read_tensors(path, names)
+    except ValueError as e:
+        raise UsageError(f"cannot load {path}: {e}") from None
+
+
 def training_settings(folder: Path) -> dict | None:
     """The settings of the run whose weights `folder` holds: its checkpoint's, or for a best/ folder (weights
     only) its run's; None where neither records them (an older checkpoint, weights from elsewhere)."""
     from ddpg import CHECKPOINT
-    from util import read_tensors
 
     for path in (folder / CHECKPOINT, folder.parent / CHECKPOINT if folder.name == "best" else None):
         if path is not None and path.is_file():
-            try:
-                saved = read_tensors(path, [])[1] or {}
-            except ValueError as e:
-                raise UsageError(f"cannot load {path}: {e}") from None
+            saved = read_checkpoint(path, [])[1] or {}
             if "args" in saved:
                 return saved["args"]
     return None
@@ -745,15 +750,11 @@ def plot(args: argparse.Namespace) -> None:
 def resume_from(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resume | None]:
     """For --load: the run to continue and its settings, or None where the folder holds weights only."""
     from ddpg import CHECKPOINT
-    from util import read_tensors
 
     folder = load_folder(args)
     arrays, saved = {}, None
     if (folder / CHECKPOINT).is_file():
-        try:
-            arrays, saved = read_tensors(folder / CHECKPOINT)
-        except ValueError as e:
-            raise UsageError(f"cannot load {folder / CHECKPOINT}: {e}") from None
+        arrays, saved = read_checkpoint(folder / CHECKPOINT)
     if saved is None or "args" not in saved:
         print(f"notice: {folder} holds weights only (an older checkpoint, or best/): Adam's moments, exploration, "
               "random states, counters and replay memory start afresh")
