@@ -23,6 +23,7 @@ ACCEPT_CONTINUE, REJECT_CONTINUE = 0.9, 0.8  # probability that an episode goes 
 # accepted (0.026% of them with 12 per item at 10,000 items) and exploration finds nothing to learn from.
 DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS = 1 / 50, 12_000_000
 CHUNK = 1 << 14  # rows of the sparse acceptance matrix handled at a time, to bound the memory of temporaries
+APPEAL_LOW, APPEAL_SPREAD = 0.5, 0.5  # variants' appeal: uniform in [APPEAL_LOW, 1], an embedding feature in +-SPREAD
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -56,6 +57,14 @@ def _check_float(name: str, value, low: float, high: float) -> float:
 # non-zeros: items are spread evenly over a grid of cells of side >= r (the same number in each cell, give or take
 # one), and only the 3 x 3 cells around z_i + s hold candidates. Policy iteration over this sparse W gives the optimal
 # policy and its values exactly.
+#
+# With `variants` > 1 each position holds that many items, variants of one product: item j at position p has quality
+# q_p a_j, its appeal a_j uniform in [APPEAL_LOW, 1], and its embedding gains a fifth feature, the appeal, along a fifth
+# orthonormal direction. The dynamics from an item depend on its position only, so the MDP is solved over positions:
+# the optimal policy recommends the most appealing variant of the best position (quality q_p max_p a), a uniformly
+# random one accepts as quality q_p mean_p a. W then has (n_items / variants) x (neighbours / variants) x variants^2
+# non-zeros without ever being held: a million items with 20,000 acceptable from each are solved over 10,000
+# positions.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -210,45 +219,55 @@ def _random_return(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray) -> float
 
 
 @functools.lru_cache(maxsize=2)  # main.py makes a training and an evaluation env of the same world
-def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int) -> RecommenderWorld:
+def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int, variants: int = 1) -> RecommenderWorld:
     """Build the items and solve the MDP (checked arguments: see RecommenderEnv)."""
     rng = np.random.default_rng(world_seed)
-    radius = math.sqrt(neighbours / (math.pi * n_items))
+    places = n_items // variants  # positions, each holding `variants` items
+    radius = math.sqrt(neighbours / variants / (math.pi * places))
     cells = int(1.0 / radius)
-    # the MDP is solved over slots ordered by cell (nearby items, nearby memory), then item numbers are shuffled slots
-    cell = np.arange(n_items) * cells ** 2 // n_items
-    position = (np.stack([cell % cells, cell // cells], 1) + rng.random((n_items, 2))) / cells
+    # the MDP is solved over positions ordered by cell (nearby positions, nearby memory); item numbers are shuffled
+    cell = np.arange(places) * cells ** 2 // places
+    position = (np.stack([cell % cells, cell // cells], 1) + rng.random((places, 2))) / cells
     modes = rng.integers(-2, 3, (3, 2))
     modes[(modes == 0).all(1)] = (1, 0)
     phase = rng.uniform(0, 2 * np.pi, 3)
     quality = 0.65 + 0.35 * np.cos(2 * np.pi * position @ modes.T + phase).mean(1)
     shift = rng.uniform(0.25, 0.75, 2)
-    indptr, cols, w = _sparse_acceptance(position, quality, shift, radius, cells)
+    appeal = rng.uniform(APPEAL_LOW, 1.0, (places, variants)) if variants > 1 else np.ones((places, 1))
+    best_variant, best_appeal, mean_appeal = appeal.argmax(1), appeal.max(1), appeal.mean(1)
+    indptr, cols, w = _sparse_acceptance(position, quality * best_appeal, shift, radius, cells)
     values, policy = _solve_optimal(indptr, cols, w)
-    random_return, nonzeros = _random_return(indptr, cols, w), len(w)
+    random_return, nonzeros = _random_return(indptr, cols, w * (mean_appeal / best_appeal)[cols]), len(w) * variants ** 2
     del indptr, cols, w
 
+    place = np.arange(n_items) // variants  # the position of each slot, a position's variants side by side
     slot = rng.permutation(n_items)  # item i sits in slot[i]
     item = np.empty_like(slot)
     item[slot] = np.arange(n_items)
-    position, quality, values, policy = position[slot], quality[slot], values[slot], item[policy[slot]]
-    basis = np.linalg.qr(rng.standard_normal((dim, 4)))[0]
+    best_slot = policy * variants + best_variant[policy]  # per position: the best variant of its best next position
+    position, quality, values = position[place[slot]], (quality[:, None] * appeal).ravel()[slot], values[place[slot]]
+    policy = item[best_slot[place[slot]]]
+    features = _torus_features(position)
+    if variants > 1:
+        scaled = (2 * appeal.ravel()[slot] - 1 - APPEAL_LOW) / (1 - APPEAL_LOW)  # [APPEAL_LOW, 1] onto [-1, 1]
+        features = np.concatenate([features, APPEAL_SPREAD * scaled[:, None]], 1)
+    basis = np.linalg.qr(rng.standard_normal((dim, features.shape[1])))[0]
     rotation = np.zeros((4, 4))
     for axis, angle in enumerate(2 * np.pi * shift):
         c, s = math.cos(angle), math.sin(angle)
         rotation[2 * axis:2 * axis + 2, 2 * axis:2 * axis + 2] = ((c, -s), (s, c))
-    embeddings = (_torus_features(position) @ basis.T).astype(np.float32)
-    next_item_map = basis @ rotation @ basis.T
+    embeddings = (features @ basis.T).astype(np.float32)
+    next_item_map = basis[:, :4] @ rotation @ basis[:, :4].T
     for array in (position, quality, embeddings, next_item_map, shift, values, policy):
         array.flags.writeable = False
     return RecommenderWorld(position, quality, embeddings, next_item_map, shift, radius, nonzeros, values, policy,
                             random_return)
 
 
-def default_neighbours(n_items: int) -> float:
-    """Recommender-v0's default mean number of acceptable items per item: 2% of the items, capped so that W holds at
-    most 12 million non-zeros, and at least 1."""
-    return max(1.0, min(n_items * DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS / n_items))
+def default_neighbours(n_items: int, variants: int = 1) -> float:
+    """Recommender-v0's default mean number of acceptable items per item: 2% of the items, capped so that the W that
+    is solved (over positions) holds at most 12 million non-zeros, and at least one position's variants."""
+    return max(float(variants), min(n_items * DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS * variants ** 2 / n_items))
 
 
 class RecommenderEnv(gym.Env):
@@ -260,20 +279,26 @@ class RecommenderEnv(gym.Env):
     uniformly random item. `action_embeddings` (n_items x dim, float32) are the items' embeddings; `optimal_return`
     and `random_return` are exact expected returns from the start; `optimal_actions[i]` is optimal from item i.
 
-    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4; default 8), neighbours (mean number
-    of items a user at any item may accept; default `default_neighbours(n_items)`, 200 at 10,000 items and 12 at a
-    million), world_seed (the items and W; default 0).
+    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4, at least 5 with variants; default 8),
+    neighbours (mean number of items a user at any item may accept; default `default_neighbours(n_items, variants)`,
+    200 at 10,000 items and 12 at a million, 20,000 at a million in 100 variants), variants (items per position,
+    variants of one product that differ in appeal; default 1), world_seed (the items and W; default 0).
     """
     metadata = {"render_modes": []}
 
-    def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float | None = None, world_seed: int = 0):
+    def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float | None = None, world_seed: int = 0,
+                 variants: int = 1):
         n_items = _check_int("n_items", n_items, 2)
-        dim = _check_int("dim", dim, 4)
-        neighbours = default_neighbours(n_items) if neighbours is None else neighbours
-        # at most pi n / 10 keeps the acceptance radius below a third of the torus (3 x 3 distinct cells, |s| > r)
-        neighbours = _check_float("neighbours", neighbours, 1.0, math.pi * n_items / 10)
+        variants = _check_int("variants", variants, 1, n_items // 2)
+        if n_items % variants:
+            raise ValueError(f"n_items must be a multiple of variants (got {n_items} and {variants})")
+        dim = _check_int("dim", dim, 5 if variants > 1 else 4)
+        neighbours = default_neighbours(n_items, variants) if neighbours is None else neighbours
+        # at least one position's variants; at most pi n / 10 keeps the acceptance radius below a third of the torus
+        # (3 x 3 distinct cells, |s| > r)
+        neighbours = _check_float("neighbours", neighbours, variants, math.pi * n_items / 10)
         world_seed = _check_int("world_seed", world_seed, 0)
-        self.world = recommender_world(n_items, dim, neighbours, world_seed)
+        self.world = recommender_world(n_items, dim, neighbours, world_seed, variants)
         self.n_items = n_items
         self.action_embeddings = self.world.embeddings
         self.optimal_return = float(self.world.values.mean())

@@ -35,9 +35,10 @@ def dense_random_return(w: np.ndarray) -> float:
     return float(np.linalg.solve(a, w.mean(1)).mean())
 
 
-@pytest.mark.parametrize("n_items, neighbours, world_seed", [(50, 12, 0), (400, 5, 3)])
-def test_recommender_optimum_matches_dense_value_iteration(n_items, neighbours, world_seed):
-    env = make("Recommender-v0", n_items=n_items, neighbours=neighbours, world_seed=world_seed)
+@pytest.mark.parametrize("n_items, neighbours, world_seed, variants", [(50, 12, 0, 1), (400, 5, 3, 1), (60, 12, 1, 3),
+                                                                         (400, 24, 2, 4)])
+def test_recommender_optimum_matches_dense_value_iteration(n_items, neighbours, world_seed, variants):
+    env = make("Recommender-v0", n_items=n_items, neighbours=neighbours, world_seed=world_seed, variants=variants)
     w = dense_acceptance(env.world)
     assert env.world.nonzeros == np.count_nonzero(w)  # the cell search found every acceptable item
     np.testing.assert_allclose(env.accept_probability(np.arange(n_items)[:, None], np.arange(n_items)[None]), w,
@@ -135,8 +136,32 @@ def test_recommender_world_seeds_and_episode_seeds_reproduce():
     assert runs[0][1:] == runs[1][1:] and sum(r for r, *_ in runs[0][1]) > 0  # rewards, ends and items alike
 
 
+def test_recommender_variants_share_a_position_and_differ_in_appeal():
+    env = make("Recommender-v0", n_items=600, neighbours=40, variants=5, world_seed=2)
+    world, w = env.world, dense_acceptance(env.world)
+    key = [tuple(p) for p in world.position]
+    groups = {}
+    for i, p in enumerate(key):
+        groups.setdefault(p, []).append(i)
+    assert sorted(map(len, groups.values())) == [5] * 120
+    rng = np.random.default_rng(0)
+    for members in list(groups.values())[:20]:
+        a, b = members[:2]
+        np.testing.assert_array_equal(w[a], w[b])  # users at variants of one position accept alike
+        np.testing.assert_array_equal(world.values[members], world.values[a])
+        # the items of a position differ by their appeal only: their embeddings lie on one line
+        diff = world.embeddings[members].astype(np.float64) - world.embeddings[a]
+        assert np.linalg.matrix_rank(diff, tol=1e-5) == 1
+        best_next = env.optimal_actions[a]  # the most appealing variant of its position
+        assert world.quality[best_next] == max(world.quality[groups[key[best_next]]])
+        other = rng.choice(groups[key[best_next]])
+        assert w[a, other] <= w[a, best_next]
+    assert world.nonzeros == np.count_nonzero(w)
+
+
 def test_recommender_default_density_is_a_share_of_the_items_capped_in_total():
     assert envs.default_neighbours(10000) == 200 and envs.default_neighbours(1_000_000) == 12
+    assert envs.default_neighbours(1_000_000, variants=100) == 20000 and envs.default_neighbours(600, variants=5) == 12
     assert envs.default_neighbours(50) == 1 and envs.default_neighbours(10) == 1
     world = make("Recommender-v0", n_items=2000).world  # 2%: 40 acceptable items per item
     assert world.nonzeros == pytest.approx(40 * 2000, rel=0.05)
@@ -146,6 +171,8 @@ def test_recommender_default_density_is_a_share_of_the_items_capped_in_total():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n_items=1), "n_items"), (dict(n_items=2.5), "n_items"), (dict(dim=3), "dim"), (dict(n_items="many"), "n_items"),
     (dict(neighbours=0), "neighbours"), (dict(n_items=100, neighbours=40), "neighbours"), (dict(world_seed=-1), "world_seed"),
+    (dict(variants=0), "variants"), (dict(n_items=100, variants=51), "variants"), (dict(n_items=100, variants=3), "multiple"),
+    (dict(dim=4, variants=2), "dim"), (dict(n_items=100, variants=5, neighbours=4), "neighbours"),
 ])
 def test_recommender_rejects_bad_keywords(kwargs, message):
     with pytest.raises(ValueError, match=message):
