@@ -484,15 +484,16 @@ for _id, _env in (("Recommender-v0", RecommenderEnv), ("Configurator-v0", Config
         gym.register(_id, entry_point=_env)
 
 
-if __name__ == "__main__":  # python envs.py [N]: build time and peak memory of Recommender-v0 at N items
+if __name__ == "__main__":  # python envs.py [N [V]]: build time and peak memory of Recommender-v0, N items, V variants
     import resource
     import sys
     import time
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    variants = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-    env = gym.make("Recommender-v0", n_items=n).unwrapped
+    env = gym.make("Recommender-v0", n_items=n, variants=variants).unwrapped
     seconds, peak = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"Recommender-v0, {n} items: built in {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB "
+    print(f"Recommender-v0, {n} items in {variants} variants: built in {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB "
           f"({before / 1024:.0f} MB before), {env.world.nonzeros} non-zeros in W; "
           f"optimal return {env.optimal_return:.4f}, random {env.random_return:.3g}")
