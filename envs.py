@@ -240,16 +240,16 @@ def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int
     random_return, nonzeros = _random_return(indptr, cols, w * (mean_appeal / best_appeal)[cols]), len(w) * variants ** 2
     del indptr, cols, w
 
-    place = np.arange(n_items) // variants  # the position of each slot, a position's variants side by side
-    slot = rng.permutation(n_items)  # item i sits in slot[i]
+    slot = rng.permutation(n_items)  # item i sits in slot[i]; a position's variants fill consecutive slots
     item = np.empty_like(slot)
     item[slot] = np.arange(n_items)
+    place, item_appeal = slot // variants, appeal.ravel()[slot]  # each item's position and appeal
     best_slot = policy * variants + best_variant[policy]  # per position: the best variant of its best next position
-    position, quality, values = position[place[slot]], (quality[:, None] * appeal).ravel()[slot], values[place[slot]]
-    policy = item[best_slot[place[slot]]]
+    position, quality, values = position[place], quality[place] * item_appeal, values[place]
+    policy = item[best_slot[place]]
     features = _torus_features(position)
     if variants > 1:
-        scaled = (2 * appeal.ravel()[slot] - 1 - APPEAL_LOW) / (1 - APPEAL_LOW)  # [APPEAL_LOW, 1] onto [-1, 1]
+        scaled = (2 * item_appeal - 1 - APPEAL_LOW) / (1 - APPEAL_LOW)  # [APPEAL_LOW, 1] onto [-1, 1]
         features = np.concatenate([features, APPEAL_SPREAD * scaled[:, None]], 1)
     basis = np.linalg.qr(rng.standard_normal((dim, features.shape[1])))[0]
     rotation = np.zeros((4, 4))
