@@ -474,6 +474,7 @@ def default_k(space: ActionSpace, k_ratio: float) -> int:
 def build(args: argparse.Namespace) -> Setup:
     """Env, action set and agent from the arguments; raises UsageError on anything unusable."""
     from tinygrad import Device, Tensor
+    from tinygrad.helpers import DEV
 
     from ddpg import DDPGConfig
     from wolp_agent import WolpertingerAgent
@@ -483,7 +484,7 @@ def build(args: argparse.Namespace) -> Setup:
             Device[args.device.upper()]
         except Exception as e:
             raise UsageError(f"tinygrad device {args.device!r} is not available ({type(e).__name__})") from None
-        Device.DEFAULT = args.device.upper()
+        DEV.value = args.device.upper()  # tinygrad 0.14 reads the default device from DEV
     if args.beam:
         from tinygrad.helpers import BEAM
         BEAM.value = args.beam

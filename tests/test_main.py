@@ -263,6 +263,7 @@ BAD_INPUTS = {
     "no actions": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 0],
     "k too large": lambda run, tmp: ["--env", "Pendulum-v0", "--max-actions", 11, "--k", 50],
     "unsupported action space": lambda run, tmp: ["--env", "tests.toy_envs:TupleToy-v0"],
+    "unknown device": lambda run, tmp: ["--env", "CartPole-v1", "--device", "NoSuchDevice"],
     "k beyond memory": lambda run, tmp: ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--k", 10 ** 10],
     "FLANN on 2^40 actions": lambda run, tmp: ["--env", "tests.toy_envs:ContextToy-binary40-v0", "--knn", "flann"],
     "missing checkpoint folder": lambda run, tmp: ["--env", "CartPole-v1", "--mode", "test",
@@ -292,6 +293,12 @@ def test_bad_input_is_one_line_and_touches_nothing(case, cartpole, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert snapshot(run_dir) == before and sorted(p.name for p in output.iterdir()) == runs_before
+
+
+def test_a_named_device_trains(tmp_path):
+    result = run_main("--env", "CartPole-v1", "--max-episode", 1, "--warmup", 5, "--device", "cpu", "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "CartPole-v1-run1" / "checkpoint.safetensors").exists()
 
 
 def test_unwritable_output_folder(tmp_path):
