@@ -48,11 +48,6 @@ class ActionSpace:
         """Ids of the k actions nearest to each proto-action: (batch, dim) -> (batch, k) + id_shape."""
         raise NotImplementedError
 
-    def search_points(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """The points of the k actions nearest to each proto-action, float32 (batch, k, dim): `points(search(...))`,
-        for callers that need no ids."""
-        return self.points(self.search(protos, k))
-
     def nearest(self, protos: np.ndarray) -> np.ndarray:
         """Id of the action nearest to each proto-action, shape (batch,) + id_shape."""
         return self.search(protos, 1)[:, 0]
@@ -120,7 +115,8 @@ class GridActionSpace(ActionSpace):
         return self._coordinate_points(np.asarray(ids)[..., None] if self.dim == 1 else np.asarray(ids))
 
     def _coordinate_points(self, coords: np.ndarray) -> np.ndarray:
-        points = np.multiply(coords, self._scale, dtype=np.float32)  # float32 throughout: one pass, no copies
+        # float32 throughout, in C order whatever the layout of coords: one pass, no copies
+        points = np.multiply(coords, self._scale, dtype=np.float32, order="C")
         points += self._offset
         return points
 
@@ -136,20 +132,11 @@ class GridActionSpace(ActionSpace):
 
     def search(self, protos: np.ndarray, k: int) -> np.ndarray:
         """Ids of the k grid points nearest to each proto-action: (batch, dim) -> (batch, k) + id shape."""
-        protos = self._clipped(protos, k)
-        coords = self._flann_search(protos, k) if self.knn == "flann" else self._grid_search(protos, k)
-        return coords[..., 0] if self.dim == 1 else coords
-
-    def search_points(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """The k nearest grid points' coordinates in [-1, 1]^dim, decoded straight into float32 (no ids)."""
-        if self.knn == "flann":
-            return super().search_points(protos, k)
-        return self._grid_search(self._clipped(protos, k), k, as_points=True)
-
-    def _clipped(self, protos: np.ndarray, k: int) -> np.ndarray:
         if not 1 <= k <= self.n:
             raise ValueError(f"k = {k} must lie between 1 and the number of actions, {self.n}")
-        return np.clip(np.asarray(protos, np.float64).reshape(-1, self.dim), -1.0, 1.0)
+        protos = np.clip(np.asarray(protos, np.float64).reshape(-1, self.dim), -1.0, 1.0)
+        coords = self._flann_search(protos, k) if self.knn == "flann" else self._grid_search(protos, k)
+        return coords[..., 0] if self.dim == 1 else coords
 
     def _flann_search(self, protos: np.ndarray, k: int, exact: bool = False) -> np.ndarray:
         """FLANN search over all grid points: the reference's kd-tree (approximate), or FLANN's exact linear scan."""
@@ -174,35 +161,30 @@ class GridActionSpace(ActionSpace):
         order = np.argsort(cost, axis=1, kind="stable")
         return np.take_along_axis(coords, order, 1), np.take_along_axis(cost, order, 1)
 
-    def _grid_search(self, protos: np.ndarray, k: int, as_points: bool = False) -> np.ndarray:
-        """Exact k-NN, (B, dim) -> coordinates (B, k, dim), or their float32 points if `as_points`: the k
-        smallest sums of per-axis squared distances.
+    def _grid_search(self, protos: np.ndarray, k: int) -> np.ndarray:
+        """Exact k-NN, (B, dim) -> coordinates (B, k, dim), a view of an axis-major array: the k smallest sums of
+        per-axis squared distances.
 
         The axes' lists of nearest coordinates are merged pairwise, as a balanced tree (`_smallest_sums`); a
         merge of two lists of k costs about k ln k per query, whatever the number of actions. Ties at the k-th
         distance are broken arbitrarily.
         """
         batch = len(protos)
-        # axes of one point stay at coordinate 0, point 0
-        out = np.zeros((batch, k, self.dim), np.float32 if as_points else self.coord_dtype)
+        # axis-major, so that each axis's coordinates are written contiguously (a (B, k, dim) array written one
+        # axis at a time touches every cache line once per axis); axes of one point stay at coordinate 0
+        out = np.zeros((self.dim, batch, k), self.coord_dtype)
         axes = [i for i, m in enumerate(self.counts) if m > 1]
-        if not axes:
-            return out
-        # each axis's nearest coordinates, or their point values: a (B, width) table that a rank indexes
-        tables = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
-        if as_points:
-            tables = [(np.multiply(coords, self._scale[i], dtype=np.float32) + self._offset[i], cost)  # as `points`
-                      for i, (coords, cost) in zip(axes, tables)]
+        nearest = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
         if len(axes) == 1:
-            out[:, :, axes[0]] = tables[0][0]
-            return out
-        _, codes, _ = _smallest_sums([cost for _, cost in tables], k, ordered=False)
-        for code, members in codes:
-            for member in members:
-                values = tables[member][0]
-                code, rank = _split_code(code, values.shape[1])
-                out[:, :, axes[member]] = _gather(values, rank)
-        return out
+            out[axes[0]] = nearest[0][0]
+        elif axes:
+            _, codes, _ = _smallest_sums([cost for _, cost in nearest], k, ordered=False)
+            for code, members in codes:
+                for member in members:
+                    coords = nearest[member][0]
+                    code, rank = _split_code(code, coords.shape[1])
+                    out[axes[member]] = _gather(coords, rank)
+        return out.transpose(1, 2, 0)
 
 
 CODE_LIMIT = 2 ** 62  # a merged list numbers its combinations in one int64 while they fit

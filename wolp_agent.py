@@ -121,7 +121,7 @@ class WolpertingerAgent(DDPG):
     def _prepare_target_inputs(self, next_states: Tensor) -> None:
         if not self.in_graph_window:
             protos = read(self._target_proto(next_states))
-            write(self.target_inputs[0], self.space.search_points(protos, self.k))
+            write(self.target_inputs[0], self.space.points(self.space.search(protos, self.k)))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):
