@@ -10,6 +10,7 @@
     python bench.py optimum sweeps/configurator   # sweeps of a built-in env as fractions of its exact optimum
     python bench.py choice RUN -- --env Recommender-v0 --k 1000   # where a recommender agent loses return
     python bench.py bounds RUN -- --env Configurator-v0 --k 10485   # what exact pruning of the k would still score
+    python bench.py profile "MultiBinary(20)" --steps 30   # where a step's time goes (cProfile)
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
@@ -548,6 +549,24 @@ def target_search_recall(setup, memory: ReplayMemory, batch_size: int, minibatch
     return float(np.mean(recalls))
 
 
+def profile(opts: argparse.Namespace) -> None:
+    """Where a training step's time goes: cProfile over --steps env steps of one configuration, after the warm-up
+    and the graphs' capture; the functions with the most time of their own."""
+    import cProfile
+    import pstats
+    name = next((n for n in CONFIGS if opts.config.lower() in n.lower()), None)
+    if name is None:
+        raise SystemExit(f"error: no configuration's name contains {opts.config!r}; choose from {', '.join(CONFIGS)}")
+    args = parse_args(CONFIGS[name] + ["--seed", "1"])
+    setup = build(args)
+    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
+    step = play(setup, memory, args.warmup, args.warmup + 13, 0)  # random steps, then compile the graphs
+    profiler, start = cProfile.Profile(), time.perf_counter()
+    profiler.runcall(play, setup, memory, args.warmup, opts.steps, step)
+    print(f"{name}: {1e3 * (time.perf_counter() - start) / opts.steps:.1f} ms per env step under the profiler")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(opts.top)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
@@ -594,8 +613,12 @@ def main() -> None:
     bp.add_argument("--states", type=int, default=16, help="observations (the env's first ones after reset)")
     bp.add_argument("--free-axes", type=int, nargs="*", default=[2, 4, 6, 8], help="values of m: axes free in a cell")
     bp.add_argument("main_flags", nargs="*", help="after --: main.py flags to use instead of the run's own, e.g. -- --k 10485")
+    pp = sub.add_parser("profile", help="where a training step's time goes (cProfile), for one configuration")
+    pp.add_argument("config", help="part of a configuration's name, e.g. 'MultiBinary(20)'")
+    pp.add_argument("--steps", type=int, default=50, help="profiled env steps, after the warm-up")
+    pp.add_argument("--top", type=int, default=15, help="functions listed")
     opts = p.parse_args()
-    {"bounds": bounds, "choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"profile": profile, "bounds": bounds, "choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

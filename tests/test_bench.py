@@ -123,3 +123,14 @@ def test_cell_bounds_hold_over_each_cell_and_are_exact_for_single_points():
     singles = np.arange(len(points))
     for bound in cell_bounds(pre_state, points, singles, np.array([], int), w_action, w_out):
         assert np.allclose(bound, q)
+
+
+def test_profile_lists_where_a_step_goes_and_refuses_an_unknown_configuration():
+    run = lambda *args: subprocess.run([sys.executable, "bench.py", "profile", *args], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=240)
+    result = run("CartPole", "--steps", "5", "--top", "5")
+    assert result.returncode == 0, result.stderr
+    assert "CartPole-v1: " in result.stdout and "ms per env step under the profiler" in result.stdout
+    assert "Ordered by: internal time" in result.stdout
+    unknown = run("NoSuchConfiguration")
+    assert unknown.returncode != 0 and unknown.stderr.strip().startswith("error: no configuration")
