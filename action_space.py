@@ -162,8 +162,7 @@ class GridActionSpace(ActionSpace):
         return np.take_along_axis(coords, order, 1), np.take_along_axis(cost, order, 1)
 
     def _grid_search(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """Exact k-NN, (B, dim) -> coordinates (B, k, dim), a view of an axis-major array: the k smallest sums of
-        per-axis squared distances.
+        """Exact k-NN, (B, dim) -> coordinates (B, k, dim): the k smallest sums of per-axis squared distances.
 
         The axes' lists of nearest coordinates are merged pairwise, as a balanced tree (`_smallest_sums`); a
         merge of two lists of k costs about k ln k per query, whatever the number of actions. Ties at the k-th
@@ -179,6 +178,8 @@ class GridActionSpace(ActionSpace):
             out[axes[0]] = nearest[0][0]
         elif axes:
             _, codes, _ = _smallest_sums([cost for _, cost in nearest], k, ordered=False)
+            if len(codes) == 1 and len(axes) == self.dim and all(coords.shape[1] == 2 for coords, _ in nearest):
+                return _binary_coordinates(codes[0][0], np.stack([coords[:, 0] for coords, _ in nearest], axis=1))
             for code, members in codes:
                 for member in members:
                     coords = nearest[member][0]
@@ -239,6 +240,15 @@ def _pair_candidates(n_left: int, n_right: int, k: int) -> tuple[np.ndarray, np.
     sizes = [min(n_left, k // (b + 1)) for b in range(min(n_right, k))]
     sliced = tuple(size for size in sizes if size >= SLICED_BLOCK)  # sizes never grow with b
     return np.concatenate([np.arange(size) for size in sizes]), np.repeat(np.arange(len(sizes)), sizes), sliced
+
+
+def _binary_coordinates(code: np.ndarray, nearer: np.ndarray) -> np.ndarray:
+    """Coordinates (B, k, dim) of binary axes from a code whose bit i says that axis i takes its farther value,
+    and each query's nearer values `nearer` (B, dim): one pass over the code's bytes, written in C order."""
+    code_bytes = code.astype("<i8", copy=False).view(np.uint8).reshape(*code.shape, 8)
+    farther = np.unpackbits(code_bytes, axis=-1, count=nearer.shape[1], bitorder="little")
+    farther ^= nearer.astype(np.uint8)[:, None, :]
+    return farther
 
 
 def _split_code(code: np.ndarray, radix: int) -> tuple[np.ndarray, np.ndarray]:
