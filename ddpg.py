@@ -56,15 +56,16 @@ class DDPGConfig:
     flush_below: float = FLUSH_BELOW
 
 
-def realized_zeros(*shape: int) -> Tensor:
-    """A realised float32 buffer to write host data into (see `write`)."""
-    return Tensor.zeros(*shape).contiguous().realize()
+def realized_zeros(*shape: int, dtype=dtypes.float32) -> Tensor:
+    """A realised buffer (float32 unless told) to write host data into (see `write`)."""
+    return Tensor.zeros(*shape, dtype=dtype).contiguous().realize()
 
 
 def write(buffer: Tensor, array: np.ndarray) -> None:
-    """Copy a numpy array into a realised tensor's memory in place (no new Tensor, no graph)."""
+    """Copy a numpy array, converted to the buffer's dtype, into a realised tensor's memory in place (no new
+    Tensor, no graph)."""
     buf = buffer.uop.buffer.ensure_allocated()
-    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array, np.float32)).cast("B"))
+    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array, _to_np_dtype(buffer.dtype))).cast("B"))
 
 
 def read(tensor: Tensor) -> np.ndarray:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit
+from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.dtype import _from_np_dtype
 
 from action_space import ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
@@ -57,14 +58,19 @@ class WolpertingerAgent(DDPG):
             check_candidate_memory(k, space.dim, cfg)
         super().__init__(state_dim, space.dim, cfg, rng)
         self.space, self.k, self.scoring, self.random_candidate = space, k, scoring, random_candidate
-        self.in_graph_window = in_graph_window
+        self.in_graph_window, self.point_map = in_graph_window, space.point_map()
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []
             self._act = TinyJit(self._act_window_graph)
         else:
-            self.act_candidates = realized_zeros(1, k, space.dim)
-            self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim)]
+            if self.point_map is None:  # the candidate buffers hold points
+                dtype = dtypes.float32
+            else:  # they hold grid coordinates, mapped to points in the graphs
+                dtype = _from_np_dtype(self.point_map.dtype)
+                self.point_scale, self.point_offset = (Tensor(a).realize() for a in self.point_map[:2])
+            self.act_candidates = realized_zeros(1, k, space.dim, dtype=dtype)
+            self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim, dtype=dtype)]
             self._proto = TinyJit(self._proto_graph)
             self._target_proto = TinyJit(self._target_proto_graph)
             self._best = TinyJit(self._best_graph)
@@ -108,20 +114,34 @@ class WolpertingerAgent(DDPG):
         return self.actor_target(next_states).clip(-1, 1).realize()
 
     def _best_graph(self, state: Tensor, candidates: Tensor) -> Tensor:
-        return self._best_candidate(state, candidates).realize()
+        return self._best_candidate(state, self._candidate_points(candidates)).realize()
+
+    def _candidate_points(self, candidates: Tensor) -> Tensor:
+        """The points (B, K, A) of a candidate buffer: as written, or mapped from grid coordinates (once, into
+        their own buffer: mapped inside the scoring kernel they would be converted once per hidden unit)."""
+        if self.point_map is None:
+            return candidates
+        return (candidates.cast(dtypes.float32) * self.point_scale + self.point_offset).contiguous()
+
+    def _candidate_input(self, ids: np.ndarray) -> np.ndarray:
+        """What a candidate buffer takes for the search's ids, (B, k) + id_shape: their points, or their grid
+        coordinates (B, k, A)."""
+        if self.point_map is None:
+            return self.space.points(ids)
+        return ids.reshape(*ids.shape[:2], self.space.dim)
 
     def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
         if self.in_graph_window:
             protos = self.actor_target(next_states).clip(-1, 1)
             return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
-        candidates, = target_inputs
+        candidates = self._candidate_points(target_inputs[0])
         best = self._best_candidate(next_states, candidates)
         return candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0]
 
     def _prepare_target_inputs(self, next_states: Tensor) -> None:
         if not self.in_graph_window:
             protos = read(self._target_proto(next_states))
-            write(self.target_inputs[0], self.space.points(self.space.search(protos, self.k)))
+            write(self.target_inputs[0], self._candidate_input(self.space.search(protos, self.k)))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):
@@ -146,5 +166,5 @@ class WolpertingerAgent(DDPG):
         neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
         if pick_random:
             return neighbours[0, self.rng.integers(self.k)]
-        write(self.act_candidates, self.space.points(neighbours))
+        write(self.act_candidates, self._candidate_input(neighbours))
         return neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])]

@@ -49,6 +49,23 @@ def test_box_scaling_per_axis():
     assert space.to_env([1, 1]).tolist() == [0.5, 0.0]
 
 
+@pytest.mark.parametrize("space", [GridActionSpace.continuous([-2.0, 0.0, 5.0], [2.0, 1.0, 6.0], 1000),
+                                   GridActionSpace.multi_discrete(np.array([3, 1, 7, 2]), np.zeros(4, np.int64)),
+                                   GridActionSpace.multi_discrete(np.full(9, 2), np.zeros(9, np.int8)),
+                                   GridActionSpace((70000, 3))])
+def test_point_map_gives_the_points_of_searched_ids(space):
+    """Candidates may travel as ids and become points where they are scored: ids * scale + offset in float32, in
+    the ids' own dtype, is `points` exactly."""
+    ids = space.search(np.random.default_rng(0).uniform(-1, 1, (5, space.dim)), 7)
+    scale, offset, dtype = space.point_map()
+    assert ids.dtype == dtype and scale.dtype == offset.dtype == np.float32
+    np.testing.assert_array_equal(ids.astype(np.float32) * scale + offset, space.points(ids))
+
+
+def test_embeddings_have_no_point_map():
+    assert action_space.EmbeddingActionSpace(np.eye(4)).point_map() is None
+
+
 def test_discrete_maps_back_to_its_actions():
     space = GridActionSpace.discrete(7, start=-2)
     assert [space.to_env(i) for i in range(7)] == list(range(-2, 5))
