@@ -27,11 +27,26 @@ KNN_METHODS = ("auto", "lattice", "flann")
 FLANN_MAX_ACTIONS = 10 ** 7  # FLANN indexes every action
 
 
+GROUP_COMBINATIONS = 256  # point_map's groups of axes: at most this many combinations each (or one axis)
+
+
+class AxisGroup(NamedTuple):
+    """Consecutive axes [start, stop) of a grid: a combination of their coordinates c is row c . weights (the
+    first axis fastest) of `points` (combinations, stop - start), that combination's points."""
+    start: int
+    stop: int
+    weights: np.ndarray
+    points: np.ndarray
+
+
 class PointMap(NamedTuple):
-    """points(ids) == ids (coordinates, shape (...) + (dim,)) * scale + offset in float32; ids come as `dtype`."""
+    """points(ids) == ids (coordinates, shape (...) + (dim,)) * scale + offset in float32; ids come as `dtype`.
+    `groups` splits the axes into consecutive groups of at most GROUP_COMBINATIONS combinations (an axis with
+    more values is a group of its own), so a point is also the groups' tabulated points side by side."""
     scale: np.ndarray
     offset: np.ndarray
     dtype: np.dtype
+    groups: tuple[AxisGroup, ...]
 
 
 class ActionSpace:
@@ -128,12 +143,22 @@ class GridActionSpace(ActionSpace):
         return self._coordinate_points(np.asarray(ids)[..., None] if self.dim == 1 else np.asarray(ids))
 
     def point_map(self) -> PointMap:
-        return PointMap(self._scale, self._offset, np.dtype(self.coord_dtype))
+        groups, start = [], 0
+        while start < self.dim:
+            stop = start + 1
+            while stop < self.dim and math.prod(self.counts[start:stop + 1]) <= GROUP_COMBINATIONS:
+                stop += 1
+            counts = self.counts[start:stop]
+            weights = np.cumprod((1,) + counts[:-1])
+            every = np.stack(np.unravel_index(np.arange(math.prod(counts)), counts, order="F"), axis=-1)
+            groups.append(AxisGroup(start, stop, weights, self._coordinate_points(every, slice(start, stop))))
+            start = stop
+        return PointMap(self._scale, self._offset, np.dtype(self.coord_dtype), tuple(groups))
 
-    def _coordinate_points(self, coords: np.ndarray) -> np.ndarray:
+    def _coordinate_points(self, coords: np.ndarray, axes: slice = slice(None)) -> np.ndarray:
         # float32 throughout, in C order whatever the layout of coords: one pass, no copies
-        points = np.multiply(coords, self._scale, dtype=np.float32, order="C")
-        points += self._offset
+        points = np.multiply(coords, self._scale[axes], dtype=np.float32, order="C")
+        points += self._offset[axes]
         return points
 
     def to_env(self, action_id):

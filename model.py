@@ -133,6 +133,19 @@ class Critic(FlatParams):
         pre = self._state_part(states, p).unsqueeze(1) + candidates.matmul(action_weight)
         return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
 
+    def score_tabulated(self, states: Tensor, rows: Tensor, tables: list[Tensor]) -> Tensor:
+        """`score` of candidates given as rows (B, K, G) of G tables of points (rows_g, width_g) that cover
+        consecutive blocks of the action's dimensions: fc2's action part is computed once per table row, then each
+        candidate adds G of those (hidden2,) rows instead of multiplying action_dim columns."""
+        p = self.views()
+        action_weight, start = self._action_weight(p), 0
+        pre = self._state_part(states, p).unsqueeze(1)
+        for g, points in enumerate(tables):
+            width = points.shape[1]
+            pre = pre + (points @ action_weight[:, start:start + width].T).contiguous()[rows[:, :, g]]
+            start += width
+        return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
+
     def score_full(self, states: Tensor, candidates: Tensor) -> Tensor:
         """`score` computed the plain way: the whole critic over B*K (state, candidate) rows."""
         batch, k, action_dim = candidates.shape

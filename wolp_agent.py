@@ -69,6 +69,13 @@ class WolpertingerAgent(DDPG):
             else:  # they hold grid coordinates, mapped to points in the graphs
                 dtype = _from_np_dtype(self.point_map.dtype)
                 self.point_scale, self.point_offset = (Tensor(a).realize() for a in self.point_map[:2])
+            # tabulated scoring where a table lookup replaces 3 or more action columns: measured on the CPU, a
+            # lookup costs about 2.5 columns' multiply-adds (MultiBinary(20): 3 lookups, 44 ms instead of 124)
+            groups = self.point_map.groups if self.point_map is not None else ()
+            self.tables = self.group_weights = None
+            if scoring == "factored" and 0 < 3 * len(groups) <= space.dim:
+                self.tables = [Tensor(group.points).realize() for group in groups]
+                self.group_weights = [Tensor(group.weights.astype(np.int32)).realize() for group in groups]
             self.act_candidates = realized_zeros(1, k, space.dim, dtype=dtype)
             self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim, dtype=dtype)]
             self._proto = TinyJit(self._proto_graph)
@@ -114,10 +121,23 @@ class WolpertingerAgent(DDPG):
         return self.actor_target(next_states).clip(-1, 1).realize()
 
     def _best_graph(self, state: Tensor, candidates: Tensor) -> Tensor:
-        return self._best_candidate(state, self._candidate_points(candidates)).realize()
+        return self._best_in_buffer(state, candidates).realize()
+
+    def _best_in_buffer(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """Position (B,) of the online critic's best candidate of each state, from a candidate buffer."""
+        if self.tables is None or candidates.shape[1] == 1:
+            return self._best_candidate(states, self._candidate_points(candidates))
+        return self.critic.score_tabulated(states, self._table_rows(candidates), self.tables).argmax(1)
+
+    def _table_rows(self, candidates: Tensor) -> Tensor:
+        """Each candidate's row in each group's table of points (B, K, G), from its grid coordinates; in a buffer
+        of its own, not recomputed per hidden unit inside the scoring kernel."""
+        rows = [(candidates[:, :, group.start:group.stop].cast(dtypes.int32) * weights).sum(-1)
+                for group, weights in zip(self.point_map.groups, self.group_weights)]
+        return Tensor.stack(*rows, dim=-1).contiguous()
 
     def _candidate_points(self, candidates: Tensor) -> Tensor:
-        """The points (B, K, A) of a candidate buffer: as written, or mapped from grid coordinates (once, into
+        """The points (..., A) of candidates in a buffer: as written, or mapped from grid coordinates (once, into
         their own buffer: mapped inside the scoring kernel they would be converted once per hidden unit)."""
         if self.point_map is None:
             return candidates
@@ -134,9 +154,9 @@ class WolpertingerAgent(DDPG):
         if self.in_graph_window:
             protos = self.actor_target(next_states).clip(-1, 1)
             return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
-        candidates = self._candidate_points(target_inputs[0])
-        best = self._best_candidate(next_states, candidates)
-        return candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0]
+        candidates, = target_inputs
+        best = self._best_in_buffer(next_states, candidates)
+        return self._candidate_points(candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0])
 
     def _prepare_target_inputs(self, next_states: Tensor) -> None:
         if not self.in_graph_window:

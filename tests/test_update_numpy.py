@@ -39,6 +39,7 @@ CASES = {   # name: (space, k, seed)
     "1d-window": (line, 3, 11),         # k <= 2 * H2 + 2: the whole window of k grid points
     "2d-search": (square, 5, 23),       # numpy lattice search and a candidate buffer
     "1d-flann": (lambda: line(knn="flann"), 5, 28),   # FLANN's kd-tree, candidate buffer, d = 1
+    "multi-binary": (lambda: GridActionSpace.multi_discrete(np.full(6, 2), np.zeros(6)), 9, 5),  # tabulated scoring
 }
 
 

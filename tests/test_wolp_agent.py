@@ -52,6 +52,8 @@ CASES = {
     "2d-lattice": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=17),
     "multi-discrete": dict(space=lambda: GridActionSpace.multi_discrete(np.array([2, 3, 1, 4, 2, 2]), np.zeros(6)),
                            k=19),
+    # two groups of axes (8 + 2), each a table of points the critic scores candidates by
+    "multi-binary": dict(space=lambda: GridActionSpace.multi_discrete(np.full(10, 2), np.zeros(10, np.int8)), k=37),
     # k = 1 (the reference's k on CartPole, --k 1): the nearest action, which needs no critic
     "discrete-k1": dict(space=lambda: GridActionSpace.discrete(2), k=1),
     "2d-k1": dict(space=lambda: GridActionSpace.continuous([-1, -1], [1, 1], 400), k=1),
@@ -88,7 +90,7 @@ def test_target_actions_equal_per_state_brute_force(case):
     np.testing.assert_allclose(got, agent.space.points(chosen), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["1d-window", "2d-lattice", "multi-discrete"])
+@pytest.mark.parametrize("case", ["1d-window", "2d-lattice", "multi-discrete", "multi-binary"])
 def test_acting_without_noise_picks_the_brute_force_best(case):
     agent = make_agent(case)
     actor, _ = numpy_nets(agent)
