@@ -5,8 +5,11 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
   computed inside the compiled graph. Q(s, .) is piecewise linear in a 1-d action, so beyond
   2 * hidden2 + 2 candidates only the window's ends and the grid points beside the critic's kinks
   can hold the maximum; those are all that is scored.
-- otherwise (d > 1, or --knn flann): GridActionSpace.search in numpy fills a candidate buffer that
-  the compiled graphs score.
+- otherwise (d > 1, or --knn flann): the action set's search in numpy fills a candidate buffer that
+  the compiled graphs score. A grid's candidates travel as their integer coordinates and become points
+  in the graphs; where its axes fall into a few groups of few combinations (MultiBinary: 8 axes, 256
+  combinations per group), the critic's action part is tabulated per group and each candidate adds one
+  row per group instead of multiplying every action column.
 """
 from __future__ import annotations
 
@@ -68,12 +71,13 @@ class WolpertingerAgent(DDPG):
                 dtype = dtypes.float32
             else:  # they hold grid coordinates, mapped to points in the graphs
                 dtype = _from_np_dtype(self.point_map.dtype)
-                self.point_scale, self.point_offset = (Tensor(a).realize() for a in self.point_map[:2])
+                self.point_scale = Tensor(self.point_map.scale).realize()
+                self.point_offset = Tensor(self.point_map.offset).realize()
             # tabulated scoring where a table lookup replaces 3 or more action columns: measured on the CPU, a
             # lookup costs about 2.5 columns' multiply-adds (MultiBinary(20): 3 lookups, 44 ms instead of 124)
             groups = self.point_map.groups if self.point_map is not None else ()
             self.tables = self.group_weights = None
-            if scoring == "factored" and 0 < 3 * len(groups) <= space.dim:
+            if scoring == "factored" and groups and 3 * len(groups) <= space.dim:
                 self.tables = [Tensor(group.points).realize() for group in groups]
                 self.group_weights = [Tensor(group.weights.astype(np.int32)).realize() for group in groups]
             self.act_candidates = realized_zeros(1, k, space.dim, dtype=dtype)
