@@ -89,6 +89,15 @@ def play(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> int
     return step
 
 
+def fresh_run(argv: list[str], steps: int) -> tuple[argparse.Namespace, Setup, ReplayMemory, int]:
+    """An agent of these main.py flags (seed 1) trained through its warm-up and `steps` more env steps, whose
+    first updates compile the graphs; returns its flags, setup, replay memory and step count."""
+    args = parse_args(argv + ["--seed", "1"])
+    setup = build(args)
+    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
+    return args, setup, memory, play(setup, memory, args.warmup, args.warmup + steps, 0)
+
+
 def timed(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> tuple[dict, int]:
     """Milliseconds per env step (update included) and peak resident memory over `steps` more steps."""
     reset_peak_memory()
@@ -108,10 +117,7 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
     """Fast path early and after `updates` updates; plain path early and on the fast agent's trained state."""
     from tinygrad.helpers import Context
     with Context(BEAM=0):  # restores the search width that a --beam in argv sets
-        args = parse_args(argv + ["--seed", "1"])
-        setup = build(args)
-        memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
-        step = play(setup, memory, args.warmup, args.warmup + 3, 0)  # random steps, then compile the graphs
+        args, setup, memory, step = fresh_run(argv, 3)
         fast_early, step = timed(setup, memory, args.warmup, early_steps, step)
         step = play(setup, memory, args.warmup, max(0, args.warmup + updates - step), step)
         fast_steady, step = timed(setup, memory, args.warmup, steady_steps, step)
@@ -122,10 +128,7 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
         if hasattr(setup.space, "exact_search"):  # an approximate index: how much of the exact k it finds
             row["target_search_recall_steady"] = target_search_recall(setup, memory, args.bsize)
         if plain_steps:
-            plain_args = parse_args(argv + plain_argv + ["--seed", "1"])
-            fresh = build(plain_args)
-            plain_memory = ReplayMemory(args.rmsize, fresh.agent.state_dim, fresh.agent.action_dim)
-            plain_step = play(fresh, plain_memory, args.warmup, args.warmup + 1, 0)
+            plain_args, fresh, plain_memory, plain_step = fresh_run(argv + plain_argv, 1)
             row["plain_early"], _ = timed(fresh, plain_memory, args.warmup, plain_steps, plain_step)
             trained = build(plain_args)  # the fast agent's state, computed the plain way from here on
             for name, buffer in trained.agent.training_buffers().items():
@@ -524,10 +527,7 @@ def knn(opts: argparse.Namespace) -> None:
 
 def training_search(argv: list[str], steps: int) -> dict:
     """Train for 2 x `steps` env steps, timing the second half; then the target actions' search's recall@k."""
-    args = parse_args(argv + ["--seed", "1"])
-    setup = build(args)
-    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
-    step = play(setup, memory, args.warmup, args.warmup + steps, 0)
+    args, setup, memory, step = fresh_run(argv, steps)
     start = time.perf_counter()
     play(setup, memory, args.warmup, steps, step)
     ms = 1e3 * (time.perf_counter() - start) / steps
@@ -557,10 +557,7 @@ def profile(opts: argparse.Namespace) -> None:
     name = next((n for n in CONFIGS if opts.config.lower() in n.lower()), None)
     if name is None:
         raise SystemExit(f"error: no configuration's name contains {opts.config!r}; choose from {', '.join(CONFIGS)}")
-    args = parse_args(CONFIGS[name] + ["--seed", "1"])
-    setup = build(args)
-    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
-    step = play(setup, memory, args.warmup, args.warmup + 13, 0)  # random steps, then compile the graphs
+    args, setup, memory, step = fresh_run(CONFIGS[name], 13)
     profiler, start = cProfile.Profile(), time.perf_counter()
     profiler.runcall(play, setup, memory, args.warmup, opts.steps, step)
     print(f"{name}: {1e3 * (time.perf_counter() - start) / opts.steps:.1f} ms per env step under the profiler")
