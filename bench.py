@@ -554,9 +554,12 @@ def profile(opts: argparse.Namespace) -> None:
     and the graphs' capture; the functions with the most time of their own."""
     import cProfile
     import pstats
-    name = next((n for n in CONFIGS if opts.config.lower() in n.lower()), None)
-    if name is None:
-        raise SystemExit(f"error: no configuration's name contains {opts.config!r}; choose from {', '.join(CONFIGS)}")
+    names = [n for n in CONFIGS if opts.config.lower() == n.lower()] or \
+        [n for n in CONFIGS if opts.config.lower() in n.lower()]  # a whole name, or a part of only one
+    if len(names) != 1:
+        raise SystemExit(f"error: {'no' if not names else len(names)} configurations' names contain {opts.config!r}; "
+                         f"name one of {'; '.join(names or CONFIGS)}")
+    name, = names
     args, setup, memory, step = fresh_run(CONFIGS[name], 13)
     profiler, start = cProfile.Profile(), time.perf_counter()
     profiler.runcall(play, setup, memory, args.warmup, opts.steps, step)
@@ -611,7 +614,7 @@ def main() -> None:
     bp.add_argument("--free-axes", type=int, nargs="*", default=[2, 4, 6, 8], help="values of m: axes free in a cell")
     bp.add_argument("main_flags", nargs="*", help="after --: main.py flags to use instead of the run's own, e.g. -- --k 10485")
     pp = sub.add_parser("profile", help="where a training step's time goes (cProfile), for one configuration")
-    pp.add_argument("config", help="part of a configuration's name, e.g. 'MultiBinary(20)'")
+    pp.add_argument("config", help="a configuration's name, or a part of only one, e.g. 'MultiBinary(20)'")
     pp.add_argument("--steps", type=int, default=50, help="profiled env steps, after the warm-up")
     pp.add_argument("--top", type=int, default=15, help="functions listed")
     opts = p.parse_args()

@@ -125,7 +125,7 @@ def test_cell_bounds_hold_over_each_cell_and_are_exact_for_single_points():
         assert np.allclose(bound, q)
 
 
-def test_profile_lists_where_a_step_goes_and_refuses_an_unknown_configuration():
+def test_profile_lists_where_a_step_goes_and_refuses_an_unknown_or_ambiguous_configuration():
     run = lambda *args: subprocess.run([sys.executable, "bench.py", "profile", *args], cwd=ROOT, capture_output=True,
                                        text=True, timeout=240)
     result = run("CartPole", "--steps", "5", "--top", "5")
@@ -133,4 +133,9 @@ def test_profile_lists_where_a_step_goes_and_refuses_an_unknown_configuration():
     assert "CartPole-v1: " in result.stdout and "ms per env step under the profiler" in result.stdout
     assert "Ordered by: internal time" in result.stdout
     unknown = run("NoSuchConfiguration")
-    assert unknown.returncode != 0 and unknown.stderr.strip().startswith("error: no configuration")
+    assert unknown.returncode != 0 and unknown.stderr.strip().startswith("error: no configurations' names contain")
+    ambiguous = run("Pendulum")  # two configurations: profile times one, so it asks which
+    assert ambiguous.returncode != 0 and "error: 2 configurations' names contain 'Pendulum'" in ambiguous.stderr
+    assert "k=2000" in ambiguous.stderr and "k=20000" in ambiguous.stderr
+    whole = run("Pendulum-v0, 200000 actions, k=2000", "--steps", "1", "--top", "1")  # also a part of k=20000's
+    assert whole.returncode == 0 and "Pendulum-v0, 200000 actions, k=2000: " in whole.stdout, whole.stderr
