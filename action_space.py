@@ -27,7 +27,7 @@ KNN_METHODS = ("auto", "lattice", "flann")
 FLANN_MAX_ACTIONS = 10 ** 7  # FLANN indexes every action
 
 
-GROUP_COMBINATIONS = 256  # point_map's groups of axes: at most this many combinations each (or one axis)
+GROUP_COMBINATIONS = 256  # point_map's groups of axes: at most this many combinations each
 
 
 class AxisGroup(NamedTuple):
@@ -41,8 +41,9 @@ class AxisGroup(NamedTuple):
 
 class PointMap(NamedTuple):
     """points(ids) == ids (coordinates, shape (...) + (dim,)) * scale + offset in float32; ids come as `dtype`.
-    `groups` splits the axes into consecutive groups of at most GROUP_COMBINATIONS combinations (an axis with
-    more values is a group of its own), so a point is also the groups' tabulated points side by side."""
+    `groups` splits the axes into consecutive groups of at most GROUP_COMBINATIONS combinations, so a point is
+    also the groups' tabulated points side by side; empty where an axis has more values than that (a table per
+    value of a long axis would grow with the number of actions)."""
     scale: np.ndarray
     offset: np.ndarray
     dtype: np.dtype
@@ -144,7 +145,7 @@ class GridActionSpace(ActionSpace):
 
     def point_map(self) -> PointMap:
         groups, start = [], 0
-        while start < self.dim:
+        while start < self.dim and max(self.counts) <= GROUP_COMBINATIONS:
             stop = start + 1
             while stop < self.dim and math.prod(self.counts[start:stop + 1]) <= GROUP_COMBINATIONS:
                 stop += 1
