@@ -144,17 +144,22 @@ class GridActionSpace(ActionSpace):
         return self._coordinate_points(np.asarray(ids)[..., None] if self.dim == 1 else np.asarray(ids))
 
     def point_map(self) -> PointMap:
+        groups = self._axis_groups() if max(self.counts) <= GROUP_COMBINATIONS else ()
+        return PointMap(self._scale, self._offset, np.dtype(self.coord_dtype), groups)
+
+    def _axis_groups(self) -> tuple[AxisGroup, ...]:
+        """The axes, in order, in groups of as many as fit in GROUP_COMBINATIONS combinations, each tabulated."""
         groups, start = [], 0
-        while start < self.dim and max(self.counts) <= GROUP_COMBINATIONS:
+        while start < self.dim:
             stop = start + 1
             while stop < self.dim and math.prod(self.counts[start:stop + 1]) <= GROUP_COMBINATIONS:
                 stop += 1
             counts = self.counts[start:stop]
-            weights = np.cumprod((1,) + counts[:-1])
             every = np.stack(np.unravel_index(np.arange(math.prod(counts)), counts, order="F"), axis=-1)
-            groups.append(AxisGroup(start, stop, weights, self._coordinate_points(every, slice(start, stop))))
+            groups.append(AxisGroup(start, stop, np.cumprod((1,) + counts[:-1]),
+                                    self._coordinate_points(every, slice(start, stop))))
             start = stop
-        return PointMap(self._scale, self._offset, np.dtype(self.coord_dtype), tuple(groups))
+        return tuple(groups)
 
     def _coordinate_points(self, coords: np.ndarray, axes: slice = slice(None)) -> np.ndarray:
         # float32 throughout, in C order whatever the layout of coords: one pass, no copies
@@ -210,18 +215,17 @@ class GridActionSpace(ActionSpace):
         merge of two lists of k costs about k ln k per query, whatever the number of actions. Ties at the k-th
         distance are broken arbitrarily.
         """
-        batch = len(protos)
-        # axis-major, so that each axis's coordinates are written contiguously (a (B, k, dim) array written one
-        # axis at a time touches every cache line once per axis); axes of one point stay at coordinate 0
-        out = np.zeros((self.dim, batch, k), self.coord_dtype)
         axes = [i for i, m in enumerate(self.counts) if m > 1]
         nearest = [self._axis_nearest(protos, i, min(self.counts[i], k)) for i in axes]
+        codes = _smallest_sums([cost for _, cost in nearest], k, ordered=False)[1] if len(axes) > 1 else []
+        if len(codes) == 1 and len(axes) == self.dim and all(coords.shape[1] == 2 for coords, _ in nearest):
+            return _binary_coordinates(codes[0][0], np.stack([coords[:, 0] for coords, _ in nearest], axis=1))
+        # axis-major, so that each axis's coordinates are written contiguously (a (B, k, dim) array written one
+        # axis at a time touches every cache line once per axis); axes of one point stay at coordinate 0
+        out = np.zeros((self.dim, len(protos), k), self.coord_dtype)
         if len(axes) == 1:
             out[axes[0]] = nearest[0][0]
-        elif axes:
-            _, codes, _ = _smallest_sums([cost for _, cost in nearest], k, ordered=False)
-            if len(codes) == 1 and len(axes) == self.dim and all(coords.shape[1] == 2 for coords, _ in nearest):
-                return _binary_coordinates(codes[0][0], np.stack([coords[:, 0] for coords, _ in nearest], axis=1))
+        else:
             for code, members in codes:
                 for member in members:
                     coords = nearest[member][0]
