@@ -130,14 +130,14 @@ def test_combinatorial_search_equals_brute_force(nvec, k):
     assert_exact_knn(space, protos, k)
 
 
-@pytest.mark.parametrize("code_limit", [1, 7, 40])
-def test_search_equals_brute_force_when_combinations_outgrow_one_code(monkeypatch, code_limit):
-    """Past 2^62 combinations (MultiBinary(63) and up) the merged lists number their entries in several codes:
-    the same search with that limit lowered, so that small spaces split their codes at every level, or some."""
-    monkeypatch.setattr(action_space, "CODE_LIMIT", code_limit)
-    for nvec, k in [((6, 5, 4, 3, 2, 2), 500), ((2,) * 9, 100), ((3, 1, 7, 2, 5), 29)]:
-        space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
-        assert_exact_knn(space, awkward_protos(space, np.random.default_rng(k)), k)
+@pytest.mark.parametrize("nvec,k,queries", [((300, 7), 20, 9), ((300, 7), 1, 9), ((2, 70000), 3, 5),
+                                            ((9, 2, 9), 162, 1), ((5, 4, 3), 60, 2)])
+def test_search_equals_brute_force_on_long_axes_and_any_batch(nvec, k, queries):
+    """Axes longer than k (only the k nearest of each are ranked; wider coordinate dtypes), k = 1 and k = all,
+    and batches of one and two queries (the search splits a batch between two threads)."""
+    space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
+    protos = awkward_protos(space, np.random.default_rng(k))
+    assert_exact_knn(space, protos[np.random.default_rng(queries).choice(len(protos), queries, replace=False)], k)
 
 
 def test_search_never_enumerates_a_huge_space():

@@ -1,0 +1,189 @@
+/* Exact k-NN on an axis-aligned grid, without enumerating it (action_space.GridActionSpace._grid_search).
+
+   The squared distance from a proto-action to a grid point is a sum of per-axis terms. On each axis the
+   coordinates are ranked by their distance to the proto (rank 0 the nearest); a point's "excess" is the sum,
+   over its axes, of how much farther its coordinate is than that axis's nearest, so the k nearest points are
+   the k of smallest excess. Per query:
+     1. a bound U with at least k points of excess <= U: first from whole axes (their product of coordinates
+        reaches k), then tightened twice by counting points over a histogram of quantised excesses;
+     2. every point of excess <= U, each listed once: a point is its nearest corner plus changes on some axes,
+        added in the order of the axes' cheapest change, so a point's children only change later axes;
+     3. the k of smallest excess among them (a quickselect; ties at the k-th broken arbitrarily), written as
+        coordinates.
+   The work grows with k (about 1.1 k points listed per query), not with the number of grid points. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BINS 256
+
+typedef struct { double excess; int32_t parent, position, rank; } Node;
+typedef struct { double key; int32_t id; } Keyed;
+
+static int by_key(const void *a, const void *b) {
+  double x = ((const Keyed *)a)->key, y = ((const Keyed *)b)->key;
+  return (x > y) - (x < y);
+}
+
+/* The `width` coordinates of an axis of `count` points, nearest to position `pos` (in steps) first, and
+   their excess over the nearest one. */
+static void rank_axis(double pos, int64_t count, double step, double proto, int64_t width, int64_t *coord,
+                      double *excess) {
+  int64_t left = (int64_t)pos, right = left + 1;
+  if (pos < 0) left = -1, right = 0;
+  if (left >= count - 1) left = count - 1, right = count;
+  for (int64_t r = 0; r < width; r++) {
+    double to_left = left >= 0 ? left * step - 1.0 - proto : 0, to_right = right < count ? right * step - 1.0 - proto : 0;
+    int take_left = right >= count || (left >= 0 && to_left * to_left <= to_right * to_right);
+    coord[r] = take_left ? left-- : right++;
+    excess[r] = take_left ? to_left * to_left : to_right * to_right;
+  }
+  for (int64_t r = width - 1; r >= 0; r--) excess[r] -= excess[0];
+}
+
+/* A tighter bound than `bound` (>= k points of excess <= it): count points whose excess, quantised down
+   to BINS steps of bound / BINS, is at most t; the smallest t that reaches k bounds the true excess by
+   (t + changed axes) steps. */
+static double tighten(double bound, int64_t k, int n_axes, const int32_t *order, const int64_t *width,
+                      double *const *excess, double *count, double *next) {
+  double step = bound / BINS;
+  if (!(step > 0)) return bound;
+  memset(count, 0, sizeof(double) * (BINS + 1));
+  count[0] = 1;
+  double histogram[BINS + 1];
+  for (int j = 0; j < n_axes; j++) {
+    const double *e = excess[order[j]];
+    if (e[1] > bound) break;  /* this axis and every later one can only stay at rank 0 */
+    memset(histogram, 0, sizeof histogram);
+    for (int64_t r = 0; r < width[order[j]] && e[r] <= bound; r++) {
+      int64_t q = (int64_t)(e[r] / step);
+      histogram[q > BINS ? BINS : q] += 1;
+    }
+    memset(next, 0, sizeof(double) * (BINS + 1));
+    for (int q = 0; q <= BINS; q++)
+      if (histogram[q] > 0)
+        for (int t = q; t <= BINS; t++) next[t] += histogram[q] * count[t - q];
+    memcpy(count, next, sizeof(double) * (BINS + 1));
+  }
+  double reached = 0;
+  int t = 0;
+  for (; t <= BINS; t++) if ((reached += count[t]) >= (double)k) break;
+  if (t > BINS) return bound;
+  int changed = 0;  /* the most axes a counted point can change: the cheapest first changes add up to <= t */
+  int64_t cheapest = 0;
+  for (int j = 0; j < n_axes && excess[order[j]][1] <= bound; j++) {
+    cheapest += (int64_t)(excess[order[j]][1] / step);
+    if (cheapest > t) break;
+    changed++;
+  }
+  double tighter = (t + changed) * step * (1.0 + 1e-12);
+  return tighter < bound ? tighter : bound;
+}
+
+/* Every point of excess <= bound, as a tree: node 0 the nearest corner, a child one more changed axis. */
+static int64_t list_points(double bound, int n_axes, const int32_t *order, const int64_t *width,
+                           double *const *excess, Node **nodes, int64_t *capacity) {
+  int64_t n = 1;
+  (*nodes)[0] = (Node){0.0, -1, -1, 0};
+  for (int64_t i = 0; i < n; i++) {
+    Node node = (*nodes)[i];
+    double room = bound - node.excess;
+    for (int j = node.position + 1; j < n_axes; j++) {
+      const double *e = excess[order[j]];
+      if (e[1] > room) break;  /* axes are in the order of their cheapest change */
+      for (int64_t r = 1; r < width[order[j]] && e[r] <= room; r++) {
+        if (n == *capacity) {
+          Node *grown = realloc(*nodes, sizeof(Node) * (*capacity * 2));
+          if (!grown) return -1;
+          *nodes = grown, *capacity *= 2;
+        }
+        (*nodes)[n++] = (Node){node.excess + e[r], (int32_t)i, j, (int32_t)r};
+      }
+    }
+  }
+  return n;
+}
+
+/* Moves the k smallest keys to the front (Hoare quickselect). */
+static void select_smallest(Keyed *a, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    double pivot = a[lo + (hi - lo) / 2].key;
+    int64_t i = lo, j = hi;
+    while (i <= j) {
+      while (a[i].key < pivot) i++;
+      while (a[j].key > pivot) j--;
+      if (i <= j) { Keyed t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+    }
+    if (k - 1 <= j) hi = j;
+    else if (k - 1 >= i) lo = i;
+    else return;
+  }
+}
+
+/* protos (queries, dim) in [-1, 1]; writes out (queries, k, dim). Returns 0; -1 when memory ran out; -2 when
+   fewer than k points were listed, which the bound's construction rules out. */
+#define GRID_KNN(T, NAME)                                                                                   \
+  int NAME(int64_t queries, int dim, const int64_t *counts, const double *steps, const double *protos,      \
+           int64_t k, T *out) {                                                                             \
+    int32_t *order = malloc(sizeof(int32_t) * dim), *axes = malloc(sizeof(int32_t) * dim);                  \
+    int64_t *width = calloc(dim, sizeof(int64_t)), total = 0, capacity = 2 * k + 16;                        \
+    double **excess = calloc(dim, sizeof(double *)), count[BINS + 1], next[BINS + 1];                       \
+    int64_t **coord = calloc(dim, sizeof(int64_t *));                                                       \
+    Keyed *keyed = NULL, *cheapest = malloc(sizeof(Keyed) * dim);                                           \
+    Node *nodes = malloc(sizeof(Node) * capacity);                                                          \
+    T *nearest = calloc(dim, sizeof(T));                                                                    \
+    int status = -1, n_axes = 0;                                                                            \
+    for (int i = 0; i < dim; i++)                                                                           \
+      if (counts[i] > 1) axes[n_axes++] = i, width[i] = counts[i] < k ? counts[i] : k > 2 ? k : 2, total += width[i];   \
+    int64_t *coord_block = malloc(sizeof(int64_t) * (total + 1));                                           \
+    double *excess_block = malloc(sizeof(double) * (total + 1));                                            \
+    if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !coord_block   \
+        || !excess_block) goto done;                                                                        \
+    for (int j = 0, offset = 0; j < n_axes; offset += width[axes[j]], j++)                                  \
+      coord[axes[j]] = coord_block + offset, excess[axes[j]] = excess_block + offset;                       \
+    for (int64_t b = 0; b < queries; b++) {                                                                 \
+      const double *proto = protos + b * dim;                                                               \
+      for (int j = 0; j < n_axes; j++) {                                                                    \
+        int i = axes[j];                                                                                    \
+        rank_axis((proto[i] + 1.0) / steps[i], counts[i], steps[i], proto[i], width[i], coord[i], excess[i]);\
+        nearest[i] = (T)coord[i][0];                                                                        \
+        cheapest[j] = (Keyed){excess[i][1], i};                                     \
+      }                                                                                                     \
+      qsort(cheapest, n_axes, sizeof(Keyed), by_key);                                                       \
+      for (int j = 0; j < n_axes; j++) order[j] = cheapest[j].id;                                           \
+      double bound = 0;                                                                                     \
+      for (int64_t j = 0, points = 1; j < n_axes && points < k; j++) {                                      \
+        int64_t w = width[order[j]], need = (k + points - 1) / points;                                      \
+        bound += excess[order[j]][(need < w ? need : w) - 1];                                               \
+        points = need < w ? k : points * w;                                                                 \
+      }                                                                                                     \
+      double loose = bound * (1.0 + 1e-12);                                                                 \
+      bound = tighten(tighten(loose, k, n_axes, order, width, excess, count, next),                         \
+                      k, n_axes, order, width, excess, count, next);                                        \
+      int64_t n = list_points(bound, n_axes, order, width, excess, &nodes, &capacity);                      \
+      if (n >= 0 && n < k) n = list_points(loose, n_axes, order, width, excess, &nodes, &capacity);         \
+      if (n < k) { status = n < 0 ? -1 : -2; goto done; }                                                   \
+      Keyed *grown = realloc(keyed, sizeof(Keyed) * n);                                                     \
+      if (!grown) goto done;                                                                                \
+      keyed = grown;                                                                                        \
+      for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){nodes[i].excess, (int32_t)i};                      \
+      if (n > k) select_smallest(keyed, n, k);                                                              \
+      for (int64_t c = 0; c < k; c++) {                                                                     \
+        T *row = out + (b * k + c) * dim;                                                                   \
+        memcpy(row, nearest, sizeof(T) * dim);                                                              \
+        for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent)                                           \
+          row[order[nodes[i].position]] = (T)coord[order[nodes[i].position]][nodes[i].rank];                \
+      }                                                                                                     \
+    }                                                                                                       \
+    status = 0;                                                                                             \
+  done:                                                                                                     \
+    free(order), free(axes), free(width), free(excess), free(coord), free(keyed), free(cheapest);           \
+    free(nodes), free(nearest), free(coord_block), free(excess_block);                                      \
+    return status;                                                                                          \
+  }
+
+GRID_KNN(uint8_t, grid_knn_u8)
+GRID_KNN(uint16_t, grid_knn_u16)
+GRID_KNN(uint32_t, grid_knn_u32)
+GRID_KNN(int64_t, grid_knn_i64)
