@@ -124,6 +124,8 @@ class GridActionSpace(ActionSpace):
         self.coord_dtype = np.min_scalar_type(max(counts) - 1) if max(counts) <= 2 ** 31 else np.int64
         self.knn = "lattice" if knn == "auto" else knn
         self._flann = {}
+        if self.knn == "lattice":
+            _grid_knn_function(np.dtype(self.coord_dtype).name)  # compiled now: a missing clang fails here, in one line
 
     @classmethod
     def continuous(cls, low, high, max_actions: int, knn: str = "auto") -> GridActionSpace:
@@ -250,10 +252,15 @@ def _compiled_library(source: bytes, name: str) -> ctypes.CDLL:
     library = cache / name
     if not library.exists():
         with tempfile.TemporaryDirectory(dir=cache) as folder:  # compiled aside, renamed in: never half-written
-            partial = Path(folder) / name
-            (Path(folder) / "grid_knn.c").write_bytes(source)
-            subprocess.run(["clang", "-O2", "-shared", "-fPIC", "-o", str(partial), str(Path(folder) / "grid_knn.c")],
-                           check=True, capture_output=True)
+            partial, copy = Path(folder) / name, Path(folder) / "source.c"
+            copy.write_bytes(source)
+            try:
+                subprocess.run(["clang", "-O2", "-shared", "-fPIC", "-o", str(partial), str(copy)], check=True,
+                               capture_output=True, text=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                reason = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[0]
+                raise ValueError(f"the grid k-NN needs clang to compile {GRID_KNN_SOURCE.name} "
+                                 f"(Debian/Ubuntu: sudo apt-get install clang): {reason}") from None
             os.replace(partial, library)
     return ctypes.CDLL(str(library))
 
