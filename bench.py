@@ -543,7 +543,7 @@ def target_search_recall(setup, memory: ReplayMemory, batch_size: int, minibatch
     agent, space, recalls = setup.agent, setup.space, []
     for _ in range(minibatches):
         write(agent.batch[3], memory.sample(batch_size, agent.rng)[3])
-        protos = read(agent._target_proto(agent.batch[3]))
+        protos = read(agent._target_proto())
         found, truth = space.search(protos, setup.k), space.exact_search(np.clip(protos, -1, 1), setup.k)
         recalls += [len(set(a) & set(b)) / setup.k for a, b in zip(found, truth)]
     return float(np.mean(recalls))

@@ -153,8 +153,8 @@ class DDPG:
     """Actor-critic with target networks; `update` runs one compiled step on a replay minibatch.
 
     A subclass provides `_target_actions(next_states, *target_inputs)` (the action a' in the target
-    y = r + gamma * (1 - terminated) * Q'(s', a')) and `_prepare_target_inputs(next_states)`, which
-    fills the extra graph inputs that the target action needs from the next-state buffer.
+    y = r + gamma * (1 - terminated) * Q'(s', a')) and `_prepare_target_inputs()`, which
+    fills the extra graph inputs that the target action needs from the next-state buffer (`batch[3]`).
     """
 
     def __init__(self, state_dim: int, action_dim: int, cfg: DDPGConfig, rng: np.random.Generator):
@@ -170,7 +170,9 @@ class DDPG:
         self.batch = [realized_zeros(b, state_dim), realized_zeros(b, action_dim), realized_zeros(b),
                       realized_zeros(b, state_dim), realized_zeros(b)]
         self.target_inputs: list[Tensor] = []
-        self._update = TinyJit(self._update_graph)
+        # the compiled graphs read the agent's own buffers, written in place, and take no arguments: TinyJit spends
+        # about 55 us per tensor argument on every call checking it
+        self._update = TinyJit(lambda: self._update_graph(*self.batch, *self.target_inputs))
         self._stats_sum, self._stats_count = np.zeros(3, np.float32), 0
 
     # --- exploration -----------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class DDPG:
     def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _prepare_target_inputs(self, next_states: Tensor) -> None:
+    def _prepare_target_inputs(self) -> None:
         raise NotImplementedError
 
     def _update_graph(self, states: Tensor, actions: Tensor, rewards: Tensor, next_states: Tensor,
@@ -225,8 +227,8 @@ class DDPG:
         sample = memory.sample(self.cfg.batch_size, self.rng)
         for buffer, array in zip(self.batch, sample):
             write(buffer, array)
-        self._prepare_target_inputs(self.batch[3])
-        stats = read(self._update(*self.batch, *self.target_inputs))
+        self._prepare_target_inputs()
+        stats = read(self._update())
         self._stats_sum += stats
         self._stats_count += 1
         return stats

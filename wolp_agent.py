@@ -65,7 +65,7 @@ class WolpertingerAgent(DDPG):
         self.state_in, self.noise_in = realized_zeros(1, state_dim), realized_zeros(1, space.dim)
         if self.in_graph_window:
             self.target_inputs = []
-            self._act = TinyJit(self._act_window_graph)
+            self._act = TinyJit(lambda: self._act_window_graph(self.state_in, self.noise_in))
         else:
             if self.point_map is None:  # the candidate buffers hold points
                 dtype = dtypes.float32
@@ -82,9 +82,9 @@ class WolpertingerAgent(DDPG):
                 self.group_weights = [Tensor(group.weights.astype(np.int32)).realize() for group in groups]
             self.act_candidates = realized_zeros(1, k, space.dim, dtype=dtype)
             self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim, dtype=dtype)]
-            self._proto = TinyJit(self._proto_graph)
-            self._target_proto = TinyJit(self._target_proto_graph)
-            self._best = TinyJit(self._best_graph)
+            self._proto = TinyJit(lambda: self._proto_graph(self.state_in, self.noise_in))
+            self._target_proto = TinyJit(lambda: self._target_proto_graph(self.batch[3]))
+            self._best = TinyJit(lambda: self._best_graph(self.state_in, self.act_candidates))
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def _score(self, states: Tensor, candidates: Tensor) -> Tensor:
@@ -162,9 +162,9 @@ class WolpertingerAgent(DDPG):
         best = self._best_in_buffer(next_states, candidates)
         return self._candidate_points(candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0])
 
-    def _prepare_target_inputs(self, next_states: Tensor) -> None:
+    def _prepare_target_inputs(self) -> None:
         if not self.in_graph_window:
-            protos = read(self._target_proto(next_states))
+            protos = read(self._target_proto())
             write(self.target_inputs[0], self._candidate_input(self.space.search(protos, self.k)))
 
     # --- acting ----------------------------------------------------------------------------------------------
@@ -185,10 +185,10 @@ class WolpertingerAgent(DDPG):
         p_random = self.random_candidate * scale
         pick_random = p_random > 0 and self.rng.random() < p_random
         if self.in_graph_window:
-            best, first = read(self._act(self.state_in, self.noise_in))
+            best, first = read(self._act())
             return int(first + self.rng.integers(self.k) if pick_random else best)
-        neighbours = self.space.search(read(self._proto(self.state_in, self.noise_in)), self.k)
+        neighbours = self.space.search(read(self._proto()), self.k)
         if pick_random:
             return neighbours[0, self.rng.integers(self.k)]
         write(self.act_candidates, self._candidate_input(neighbours))
-        return neighbours[0, int(read(self._best(self.state_in, self.act_candidates))[0])]
+        return neighbours[0, int(read(self._best())[0])]

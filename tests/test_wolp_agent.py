@@ -80,7 +80,7 @@ def test_target_actions_equal_per_state_brute_force(case):
     agent = make_agent(case)
     next_states = np.random.default_rng(1).normal(size=(32, S)).astype(np.float32)
     write(agent.batch[3], next_states)
-    agent._prepare_target_inputs(agent.batch[3])
+    agent._prepare_target_inputs()
     got = agent._target_actions(agent.batch[3], *agent.target_inputs).numpy()
     actor, critic = numpy_nets(agent)
     chosen, best_q = brute_force_choice(agent, next_states.astype(np.float64), actor("actor_target", next_states))
