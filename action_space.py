@@ -125,7 +125,7 @@ class GridActionSpace(ActionSpace):
         self.knn = "lattice" if knn == "auto" else knn
         self._flann = {}
         if self.knn == "lattice":
-            _grid_knn_function(np.dtype(self.coord_dtype).name)  # compiled now: a missing clang fails here, in one line
+            _grid_knn_function()  # compiled now: a missing clang fails here, in one line
 
     @classmethod
     def continuous(cls, low, high, max_actions: int, knn: str = "auto") -> GridActionSpace:
@@ -210,13 +210,13 @@ class GridActionSpace(ActionSpace):
         actions. Ties at the k-th distance are broken arbitrarily. The queries are split between two threads
         (the compiled search releases the GIL)."""
         out = np.empty((len(protos), k, self.dim), self.coord_dtype)
-        search = _grid_knn_function(np.dtype(self.coord_dtype).name)
+        search = _grid_knn_function()
         counts, steps = np.array(self.counts, np.int64), np.ascontiguousarray(self.steps, np.float64)
         protos = np.ascontiguousarray(protos, np.float64)
 
         def run(rows: slice) -> int:
             return search(len(protos[rows]), self.dim, counts.ctypes.data, steps.ctypes.data,
-                          protos[rows].ctypes.data, k, out[rows].ctypes.data)
+                          protos[rows].ctypes.data, k, out.itemsize, out[rows].ctypes.data)
 
         half = (len(protos) + 1) // 2
         statuses = list(_search_threads().map(run, [slice(0, half), slice(half, None)])) if half > 1 else [run(slice(None))]
@@ -228,22 +228,23 @@ class GridActionSpace(ActionSpace):
 
 
 GRID_KNN_SOURCE = Path(__file__).with_name("grid_knn.c")
-GRID_KNN_TYPES = {"uint8": "u8", "uint16": "u16", "uint32": "u32", "int64": "i64"}  # coord_dtype -> function
 
 
 @lru_cache(maxsize=None)
-def _grid_knn_function(dtype_name: str):
-    """grid_knn.c's search writing coordinates of this dtype, compiled once per version of the source with clang
-    (which tinygrad's CPU backend needs too) into the user's cache folder."""
+def _grid_knn_function():
+    """grid_knn.c's search, compiled once per version of the source with clang (which tinygrad's CPU backend needs
+    too) into the user's cache folder."""
     source = GRID_KNN_SOURCE.read_bytes()
-    library = _compiled_library(source, f"grid_knn-{hashlib.sha256(source).hexdigest()[:16]}.so")
-    function = getattr(library, f"grid_knn_{GRID_KNN_TYPES[dtype_name]}")
+    function = _compiled_library(source, f"grid_knn-{hashlib.sha256(source).hexdigest()[:16]}.so").grid_knn
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
+    function.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_int, ctypes.c_void_p]
     return function
 
 
 def _compiled_library(source: bytes, name: str) -> ctypes.CDLL:
+    """The library `name` compiled from C `source`: loaded from the cache folder, or compiled into it first (into a
+    temporary folder there, then renamed, so that concurrent runs never load a half-written file)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wolpertinger"
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -251,7 +252,7 @@ def _compiled_library(source: bytes, name: str) -> ctypes.CDLL:
         cache = Path(tempfile.gettempdir())
     library = cache / name
     if not library.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as folder:  # compiled aside, renamed in: never half-written
+        with tempfile.TemporaryDirectory(dir=cache) as folder:
             partial, copy = Path(folder) / name, Path(folder) / "source.c"
             copy.write_bytes(source)
             try:
@@ -267,6 +268,7 @@ def _compiled_library(source: bytes, name: str) -> ctypes.CDLL:
 
 @lru_cache(maxsize=None)
 def _search_threads() -> ThreadPoolExecutor:
+    """The two threads between which the grid search splits a minibatch (measured: half the time of one)."""
     return ThreadPoolExecutor(2)
 
 

@@ -121,69 +121,74 @@ static void select_smallest(Keyed *a, int64_t n, int64_t k) {
   }
 }
 
-/* protos (queries, dim) in [-1, 1]; writes out (queries, k, dim). Returns 0; -1 when memory ran out; -2 when
-   fewer than k points were listed, which the bound's construction rules out. */
-#define GRID_KNN(T, NAME)                                                                                   \
-  int NAME(int64_t queries, int dim, const int64_t *counts, const double *steps, const double *protos,      \
-           int64_t k, T *out) {                                                                             \
-    int32_t *order = malloc(sizeof(int32_t) * dim), *axes = malloc(sizeof(int32_t) * dim);                  \
-    int64_t *width = calloc(dim, sizeof(int64_t)), total = 0, capacity = 2 * k + 16;                        \
-    double **excess = calloc(dim, sizeof(double *)), count[BINS + 1], next[BINS + 1];                       \
-    int64_t **coord = calloc(dim, sizeof(int64_t *));                                                       \
-    Keyed *keyed = NULL, *cheapest = malloc(sizeof(Keyed) * dim);                                           \
-    Node *nodes = malloc(sizeof(Node) * capacity);                                                          \
-    T *nearest = calloc(dim, sizeof(T));                                                                    \
-    int status = -1, n_axes = 0;                                                                            \
-    for (int i = 0; i < dim; i++)                                                                           \
-      if (counts[i] > 1) axes[n_axes++] = i, width[i] = counts[i] < k ? counts[i] : k > 2 ? k : 2, total += width[i];   \
-    int64_t *coord_block = malloc(sizeof(int64_t) * (total + 1));                                           \
-    double *excess_block = malloc(sizeof(double) * (total + 1));                                            \
-    if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !coord_block   \
-        || !excess_block) goto done;                                                                        \
-    for (int j = 0, offset = 0; j < n_axes; offset += width[axes[j]], j++)                                  \
-      coord[axes[j]] = coord_block + offset, excess[axes[j]] = excess_block + offset;                       \
-    for (int64_t b = 0; b < queries; b++) {                                                                 \
-      const double *proto = protos + b * dim;                                                               \
-      for (int j = 0; j < n_axes; j++) {                                                                    \
-        int i = axes[j];                                                                                    \
-        rank_axis((proto[i] + 1.0) / steps[i], counts[i], steps[i], proto[i], width[i], coord[i], excess[i]);\
-        nearest[i] = (T)coord[i][0];                                                                        \
-        cheapest[j] = (Keyed){excess[i][1], i};                                     \
-      }                                                                                                     \
-      qsort(cheapest, n_axes, sizeof(Keyed), by_key);                                                       \
-      for (int j = 0; j < n_axes; j++) order[j] = cheapest[j].id;                                           \
-      double bound = 0;                                                                                     \
-      for (int64_t j = 0, points = 1; j < n_axes && points < k; j++) {                                      \
-        int64_t w = width[order[j]], need = (k + points - 1) / points;                                      \
-        bound += excess[order[j]][(need < w ? need : w) - 1];                                               \
-        points = need < w ? k : points * w;                                                                 \
-      }                                                                                                     \
-      double loose = bound * (1.0 + 1e-12);                                                                 \
-      bound = tighten(tighten(loose, k, n_axes, order, width, excess, count, next),                         \
-                      k, n_axes, order, width, excess, count, next);                                        \
-      int64_t n = list_points(bound, n_axes, order, width, excess, &nodes, &capacity);                      \
-      if (n >= 0 && n < k) n = list_points(loose, n_axes, order, width, excess, &nodes, &capacity);         \
-      if (n < k) { status = n < 0 ? -1 : -2; goto done; }                                                   \
-      Keyed *grown = realloc(keyed, sizeof(Keyed) * n);                                                     \
-      if (!grown) goto done;                                                                                \
-      keyed = grown;                                                                                        \
-      for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){nodes[i].excess, (int32_t)i};                      \
-      if (n > k) select_smallest(keyed, n, k);                                                              \
-      for (int64_t c = 0; c < k; c++) {                                                                     \
-        T *row = out + (b * k + c) * dim;                                                                   \
-        memcpy(row, nearest, sizeof(T) * dim);                                                              \
-        for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent)                                           \
-          row[order[nodes[i].position]] = (T)coord[order[nodes[i].position]][nodes[i].rank];                \
-      }                                                                                                     \
-    }                                                                                                       \
-    status = 0;                                                                                             \
-  done:                                                                                                     \
-    free(order), free(axes), free(width), free(excess), free(coord), free(keyed), free(cheapest);           \
-    free(nodes), free(nearest), free(coord_block), free(excess_block);                                      \
-    return status;                                                                                          \
+/* Stores v as an unsigned integer of `size` bytes (a signed one of 8) at index i of row. */
+static void store(void *row, int i, int size, int64_t v) {
+  switch (size) {
+    case 1: ((uint8_t *)row)[i] = (uint8_t)v; break;
+    case 2: ((uint16_t *)row)[i] = (uint16_t)v; break;
+    case 4: ((uint32_t *)row)[i] = (uint32_t)v; break;
+    default: ((int64_t *)row)[i] = v;
   }
+}
 
-GRID_KNN(uint8_t, grid_knn_u8)
-GRID_KNN(uint16_t, grid_knn_u16)
-GRID_KNN(uint32_t, grid_knn_u32)
-GRID_KNN(int64_t, grid_knn_i64)
+/* protos (queries, dim) in [-1, 1]; writes out (queries, k, dim), integers of `size` bytes (1, 2, 4: unsigned;
+   8: signed). Returns 0; -1 when memory ran out; -2 when fewer than k points were listed, which the bound's
+   construction rules out. */
+int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *steps, const double *protos, int64_t k,
+             int size, void *out) {
+  int32_t *order = malloc(sizeof(int32_t) * dim), *axes = malloc(sizeof(int32_t) * dim);
+  int64_t *width = calloc(dim, sizeof(int64_t)), total = 0, capacity = 2 * k + 16;
+  double **excess = calloc(dim, sizeof(double *)), count[BINS + 1], next[BINS + 1];
+  int64_t **coord = calloc(dim, sizeof(int64_t *));
+  Keyed *keyed = NULL, *cheapest = malloc(sizeof(Keyed) * dim);
+  Node *nodes = malloc(sizeof(Node) * capacity);
+  char *nearest = calloc(dim, size);  /* the nearest point's coordinates, as written out */
+  int status = -1, n_axes = 0;
+  for (int i = 0; i < dim; i++)  /* an axis of one point stays at coordinate 0 */
+    if (counts[i] > 1) axes[n_axes++] = i, width[i] = counts[i] < k ? counts[i] : k > 2 ? k : 2, total += width[i];
+  int64_t *coord_block = malloc(sizeof(int64_t) * (total + 1));
+  double *excess_block = malloc(sizeof(double) * (total + 1));
+  if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !coord_block || !excess_block)
+    goto done;
+  for (int j = 0, offset = 0; j < n_axes; offset += width[axes[j]], j++)
+    coord[axes[j]] = coord_block + offset, excess[axes[j]] = excess_block + offset;
+  for (int64_t b = 0; b < queries; b++) {
+    const double *proto = protos + b * dim;
+    for (int j = 0; j < n_axes; j++) {
+      int i = axes[j];
+      rank_axis((proto[i] + 1.0) / steps[i], counts[i], steps[i], proto[i], width[i], coord[i], excess[i]);
+      store(nearest, i, size, coord[i][0]);
+      cheapest[j] = (Keyed){excess[i][1], i};
+    }
+    qsort(cheapest, n_axes, sizeof(Keyed), by_key);
+    for (int j = 0; j < n_axes; j++) order[j] = cheapest[j].id;
+    double bound = 0;  /* whole axes, in order, until their combinations number k */
+    for (int64_t j = 0, points = 1; j < n_axes && points < k; j++) {
+      int64_t w = width[order[j]], need = (k + points - 1) / points;
+      bound += excess[order[j]][(need < w ? need : w) - 1];
+      points = need < w ? k : points * w;
+    }
+    double loose = bound * (1.0 + 1e-12);
+    bound = tighten(tighten(loose, k, n_axes, order, width, excess, count, next), k, n_axes, order, width, excess,
+                    count, next);
+    int64_t n = list_points(bound, n_axes, order, width, excess, &nodes, &capacity);
+    if (n >= 0 && n < k) n = list_points(loose, n_axes, order, width, excess, &nodes, &capacity);
+    if (n < k) { status = n < 0 ? -1 : -2; goto done; }
+    Keyed *grown = realloc(keyed, sizeof(Keyed) * n);
+    if (!grown) goto done;
+    keyed = grown;
+    for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){nodes[i].excess, (int32_t)i};
+    if (n > k) select_smallest(keyed, n, k);
+    for (int64_t c = 0; c < k; c++) {
+      char *row = (char *)out + (b * k + c) * dim * size;
+      memcpy(row, nearest, (size_t)dim * size);
+      for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent)
+        store(row, order[nodes[i].position], size, coord[order[nodes[i].position]][nodes[i].rank]);
+    }
+  }
+  status = 0;
+done:
+  free(order), free(axes), free(width), free(excess), free(coord), free(keyed), free(cheapest);
+  free(nodes), free(nearest), free(coord_block), free(excess_block);
+  return status;
+}
