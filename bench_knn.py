@@ -23,11 +23,18 @@ from action_space import GridActionSpace
 
 
 def earlier_module(commit: str):
-    """action_space.py as it was at `commit`, imported under another name."""
-    source = subprocess.run(["git", "show", f"{commit}:action_space.py"], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).parent).stdout
-    path = Path(tempfile.mkdtemp()) / "earlier_action_space.py"
-    path.write_text(source)
+    """action_space.py as it was at `commit`, imported under another name (beside that commit's grid_knn.c, which
+    it compiles, where it had one)."""
+    def show(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "show", f"{commit}:{name}"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    folder = Path(tempfile.mkdtemp())
+    if (c_source := show("grid_knn.c")).returncode == 0:
+        (folder / "grid_knn.c").write_text(c_source.stdout)
+    python_source = show("action_space.py")
+    python_source.check_returncode()
+    path = folder / "earlier_action_space.py"
+    path.write_text(python_source.stdout)
     spec = importlib.util.spec_from_file_location("earlier_action_space", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
