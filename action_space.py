@@ -33,6 +33,7 @@ FLANN_MAX_ACTIONS = 10 ** 7  # FLANN indexes every action
 
 
 GROUP_COMBINATIONS = 256  # point_map's groups of axes: at most this many combinations each
+ROW_DTYPE = np.min_scalar_type(GROUP_COMBINATIONS - 1)  # a point's row in a group's table
 
 
 class AxisGroup(NamedTuple):
@@ -78,8 +79,9 @@ class ActionSpace:
         """The env action for one action id, in the env's own format."""
         raise NotImplementedError
 
-    def search(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """Ids of the k actions nearest to each proto-action: (batch, dim) -> (batch, k) + id_shape."""
+    def search(self, protos: np.ndarray, k: int, groups: Sequence[AxisGroup] = ()) -> np.ndarray:
+        """Ids of the k actions nearest to each proto-action: (batch, dim) -> (batch, k) + id_shape; given
+        `point_map().groups` (a grid's), each action as its row in each group's table instead."""
         raise NotImplementedError
 
     def nearest(self, protos: np.ndarray) -> np.ndarray:
@@ -184,13 +186,27 @@ class GridActionSpace(ActionSpace):
             return self.start + int(action_id)
         return (self.start + np.asarray(action_id).reshape(self.start.shape)).astype(self.start.dtype)
 
-    def search(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """Ids of the k grid points nearest to each proto-action: (batch, dim) -> (batch, k) + id shape."""
+    def search(self, protos: np.ndarray, k: int, groups: Sequence[AxisGroup] = ()) -> np.ndarray:
+        """Ids of the k grid points nearest to each proto-action: (batch, dim) -> (batch, k) + id shape. Given
+        `point_map().groups`, each point comes instead as its row in each group's table, (batch, k, groups)
+        (`group_coordinates` turns rows back into ids)."""
         if not 1 <= k <= self.n:
             raise ValueError(f"k = {k} must lie between 1 and the number of actions, {self.n}")
         protos = np.clip(np.asarray(protos, np.float64).reshape(-1, self.dim), -1.0, 1.0)
-        coords = self._flann_search(protos, k) if self.knn == "flann" else self._grid_search(protos, k)
-        return coords[..., 0] if self.dim == 1 else coords
+        if self.knn == "flann":
+            coords = self._flann_search(protos, k)
+            if groups:
+                return np.stack([(coords[..., g.start:g.stop].astype(np.int64) * g.weights).sum(-1)
+                                 for g in groups], axis=-1).astype(ROW_DTYPE)
+        else:
+            coords = self._grid_search(protos, k, groups)
+        return coords[..., 0] if self.dim == 1 and not groups else coords
+
+    def group_coordinates(self, rows: np.ndarray, groups: Sequence[AxisGroup]) -> np.ndarray:
+        """The ids (coordinates) of points given as their rows in the groups' tables: (..., groups) -> (..., dim)."""
+        rows = np.asarray(rows, np.int64)
+        return np.concatenate([rows[..., j, None] // g.weights % np.array(self.counts[g.start:g.stop])
+                               for j, g in enumerate(groups)], axis=-1).astype(self.coord_dtype)
 
     def _flann_search(self, protos: np.ndarray, k: int, exact: bool = False) -> np.ndarray:
         """FLANN search over all grid points: the reference's kd-tree (approximate), or FLANN's exact linear scan."""
@@ -204,19 +220,25 @@ class GridActionSpace(ActionSpace):
         flat = np.asarray(indices, np.int64).reshape(len(protos), k)
         return np.stack(np.unravel_index(flat, self.counts), axis=-1).astype(self.coord_dtype)
 
-    def _grid_search(self, protos: np.ndarray, k: int) -> np.ndarray:
-        """Exact k-NN, (B, dim) -> coordinates (B, k, dim), in grid_knn.c: the k points of smallest sums of
-        per-axis squared distances, found among about 1.1 k listed points per query, whatever the number of
-        actions. Ties at the k-th distance are broken arbitrarily. The queries are split between two threads
-        (the compiled search releases the GIL)."""
-        out = np.empty((len(protos), k, self.dim), self.coord_dtype)
+    def _grid_search(self, protos: np.ndarray, k: int, groups: Sequence[AxisGroup] = ()) -> np.ndarray:
+        """Exact k-NN, (B, dim) -> coordinates (B, k, dim), or rows (B, k, groups), in grid_knn.c: the k points of
+        smallest sums of per-axis squared distances, found among about 1.1 k listed points per query, whatever
+        the number of actions. Ties at the k-th distance are broken arbitrarily. The queries are split between
+        two threads (the compiled search releases the GIL)."""
+        if groups:  # column g of a point: the sum of its group's coordinates times their weights
+            column = np.concatenate([np.full(g.stop - g.start, j) for j, g in enumerate(groups)]).astype(np.int32)
+            weight = np.concatenate([g.weights for g in groups]).astype(np.int64)
+            out = np.empty((len(protos), k, len(groups)), ROW_DTYPE)
+        else:
+            column, weight = np.arange(self.dim, dtype=np.int32), np.ones(self.dim, np.int64)
+            out = np.empty((len(protos), k, self.dim), self.coord_dtype)
         search = _grid_knn_function()
         counts, steps = np.array(self.counts, np.int64), np.ascontiguousarray(self.steps, np.float64)
         protos = np.ascontiguousarray(protos, np.float64)
 
         def run(rows: slice) -> int:
-            return search(len(protos[rows]), self.dim, counts.ctypes.data, steps.ctypes.data,
-                          protos[rows].ctypes.data, k, out.itemsize, out[rows].ctypes.data)
+            return search(len(protos[rows]), self.dim, counts.ctypes.data, steps.ctypes.data, protos[rows].ctypes.data,
+                          k, out.shape[2], column.ctypes.data, weight.ctypes.data, out.itemsize, out[rows].ctypes.data)
 
         half = (len(protos) + 1) // 2
         statuses = list(_search_threads().map(run, [slice(0, half), slice(half, None)])) if half > 1 else [run(slice(None))]
@@ -238,7 +260,7 @@ def _grid_knn_function():
     function = _compiled_library(source, f"grid_knn-{hashlib.sha256(source).hexdigest()[:16]}.so").grid_knn
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_int, ctypes.c_void_p]
+                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return function
 
 
@@ -324,9 +346,12 @@ class EmbeddingActionSpace(ActionSpace):
     def to_env(self, action_id) -> int:
         return self.start + int(action_id)
 
-    def search(self, protos: np.ndarray, k: int) -> np.ndarray:
+    def search(self, protos: np.ndarray, k: int, groups: Sequence[AxisGroup] = ()) -> np.ndarray:
         """Item ids of the k items nearest to each proto-action: (batch, dim) -> (batch, k), nearest first
-        only where the method returns them so (FLANN); the agent's critic does not depend on the order."""
+        only where the method returns them so (FLANN); the agent's critic does not depend on the order. Items
+        have no groups of axes (`point_map` is None)."""
+        if groups:
+            raise ValueError("embedded items have no groups of axes")
         if not 1 <= k <= self.n:
             raise ValueError(f"k = {k} must lie between 1 and the number of actions, {self.n}")
         protos = np.clip(np.asarray(protos, np.float32).reshape(-1, self.dim), -1.0, 1.0)

@@ -121,7 +121,17 @@ static void select_smallest(Keyed *a, int64_t n, int64_t k) {
   }
 }
 
-/* Stores v as an unsigned integer of `size` bytes (a signed one of 8) at index i of row. */
+/* Index i of a row of unsigned integers of `size` bytes (signed ones of 8). */
+static int64_t load(const void *row, int i, int size) {
+  switch (size) {
+    case 1: return ((const uint8_t *)row)[i];
+    case 2: return ((const uint16_t *)row)[i];
+    case 4: return ((const uint32_t *)row)[i];
+    default: return ((const int64_t *)row)[i];
+  }
+}
+
+/* Stores v at index i of such a row. */
 static void store(void *row, int i, int size, int64_t v) {
   switch (size) {
     case 1: ((uint8_t *)row)[i] = (uint8_t)v; break;
@@ -131,35 +141,40 @@ static void store(void *row, int i, int size, int64_t v) {
   }
 }
 
-/* protos (queries, dim) in [-1, 1]; writes out (queries, k, dim), integers of `size` bytes (1, 2, 4: unsigned;
-   8: signed). Returns 0; -1 when memory ran out; -2 when fewer than k points were listed, which the bound's
-   construction rules out. */
+/* protos (queries, dim) in [-1, 1]; writes out (queries, k, columns), integers of `size` bytes (1, 2, 4:
+   unsigned; 8: signed): column j of a point holds the sum of weight[i] * coordinate i over the axes i with
+   column[i] == j (its coordinates: columns = dim, column[i] = i, weight[i] = 1). Returns 0; -1 when memory ran
+   out; -2 when fewer than k points were listed, which the bound's construction rules out. */
 int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *steps, const double *protos, int64_t k,
-             int size, void *out) {
+             int columns, const int32_t *column, const int64_t *weight, int size, void *out) {
   int32_t *order = malloc(sizeof(int32_t) * dim), *axes = malloc(sizeof(int32_t) * dim);
   int64_t *width = calloc(dim, sizeof(int64_t)), total = 0, capacity = 2 * k + 16;
   double **excess = calloc(dim, sizeof(double *)), count[BINS + 1], next[BINS + 1];
   int64_t **coord = calloc(dim, sizeof(int64_t *));
   Keyed *keyed = NULL, *cheapest = malloc(sizeof(Keyed) * dim);
   Node *nodes = malloc(sizeof(Node) * capacity);
-  char *nearest = calloc(dim, size);  /* the nearest point's coordinates, as written out */
+  char *nearest = malloc((size_t)columns * size);  /* the nearest point, as written out */
+  int64_t *sums = malloc(sizeof(int64_t) * columns);
   int status = -1, n_axes = 0;
   for (int i = 0; i < dim; i++)  /* an axis of one point stays at coordinate 0 */
     if (counts[i] > 1) axes[n_axes++] = i, width[i] = counts[i] < k ? counts[i] : k > 2 ? k : 2, total += width[i];
   int64_t *coord_block = malloc(sizeof(int64_t) * (total + 1));
   double *excess_block = malloc(sizeof(double) * (total + 1));
-  if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !coord_block || !excess_block)
+  if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !sums || !coord_block
+      || !excess_block)
     goto done;
   for (int j = 0, offset = 0; j < n_axes; offset += width[axes[j]], j++)
     coord[axes[j]] = coord_block + offset, excess[axes[j]] = excess_block + offset;
   for (int64_t b = 0; b < queries; b++) {
     const double *proto = protos + b * dim;
+    memset(sums, 0, sizeof(int64_t) * columns);
     for (int j = 0; j < n_axes; j++) {
       int i = axes[j];
       rank_axis((proto[i] + 1.0) / steps[i], counts[i], steps[i], proto[i], width[i], coord[i], excess[i]);
-      store(nearest, i, size, coord[i][0]);
+      sums[column[i]] += weight[i] * coord[i][0];
       cheapest[j] = (Keyed){excess[i][1], i};
     }
+    for (int j = 0; j < columns; j++) store(nearest, j, size, sums[j]);
     qsort(cheapest, n_axes, sizeof(Keyed), by_key);
     for (int j = 0; j < n_axes; j++) order[j] = cheapest[j].id;
     double bound = 0;  /* whole axes, in order, until their combinations number k */
@@ -180,15 +195,17 @@ int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *step
     for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){nodes[i].excess, (int32_t)i};
     if (n > k) select_smallest(keyed, n, k);
     for (int64_t c = 0; c < k; c++) {
-      char *row = (char *)out + (b * k + c) * dim * size;
-      memcpy(row, nearest, (size_t)dim * size);
-      for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent)
-        store(row, order[nodes[i].position], size, coord[order[nodes[i].position]][nodes[i].rank]);
+      char *row = (char *)out + (b * k + c) * columns * size;
+      memcpy(row, nearest, (size_t)columns * size);
+      for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent) {
+        int a = order[nodes[i].position];
+        store(row, column[a], size, load(row, column[a], size) + weight[a] * (coord[a][nodes[i].rank] - coord[a][0]));
+      }
     }
   }
   status = 0;
 done:
   free(order), free(axes), free(width), free(excess), free(coord), free(keyed), free(cheapest);
-  free(nodes), free(nearest), free(coord_block), free(excess_block);
+  free(nodes), free(nearest), free(sums), free(coord_block), free(excess_block);
   return status;
 }

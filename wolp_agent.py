@@ -5,11 +5,11 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
   computed inside the compiled graph. Q(s, .) is piecewise linear in a 1-d action, so beyond
   2 * hidden2 + 2 candidates only the window's ends and the grid points beside the critic's kinks
   can hold the maximum; those are all that is scored.
-- otherwise (d > 1, or --knn flann): the action set's search in numpy fills a candidate buffer that
-  the compiled graphs score. A grid's candidates travel as their integer coordinates and become points
-  in the graphs; where its axes fall into a few groups of few combinations (MultiBinary: 8 axes, 256
-  combinations per group), the critic's action part is tabulated per group and each candidate adds one
-  row per group instead of multiplying every action column.
+- otherwise (d > 1, or --knn flann): the action set's search on the host (grid_knn.c for a grid) fills a
+  candidate buffer that the compiled graphs score. A grid's candidates travel as their integer coordinates
+  and become points in the graphs; where its axes fall into a few groups of few combinations (MultiBinary:
+  8 axes, 256 combinations per group), the critic's action part is tabulated per group and each candidate
+  adds one row per group instead of multiplying every action column.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.dtype import _from_np_dtype
 
-from action_space import ActionSpace, GridActionSpace
+from action_space import ROW_DTYPE, ActionSpace, GridActionSpace
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
 
 SCORINGS = ("factored", "full")
@@ -67,21 +67,22 @@ class WolpertingerAgent(DDPG):
             self.target_inputs = []
             self._act = TinyJit(lambda: self._act_window_graph(self.state_in, self.noise_in))
         else:
-            if self.point_map is None:  # the candidate buffers hold points
-                dtype = dtypes.float32
-            else:  # they hold grid coordinates, mapped to points in the graphs
-                dtype = _from_np_dtype(self.point_map.dtype)
-                self.point_scale = Tensor(self.point_map.scale).realize()
-                self.point_offset = Tensor(self.point_map.offset).realize()
             # tabulated scoring where a table lookup replaces 3 or more action columns: measured on the CPU, a
             # lookup costs about 2.5 columns' multiply-adds (MultiBinary(20): 3 lookups, 44 ms instead of 124)
             groups = self.point_map.groups if self.point_map is not None else ()
-            self.tables = self.group_weights = None
+            self.groups, self.tables = (), None
             if scoring == "factored" and groups and 3 * len(groups) <= space.dim:
-                self.tables = [Tensor(group.points).realize() for group in groups]
-                self.group_weights = [Tensor(group.weights.astype(np.int32)).realize() for group in groups]
-            self.act_candidates = realized_zeros(1, k, space.dim, dtype=dtype)
-            self.target_inputs = [realized_zeros(cfg.batch_size, k, space.dim, dtype=dtype)]
+                # the candidate buffers hold each candidate's row in each group's table, as the search writes them
+                self.groups, self.tables = groups, [Tensor(group.points).realize() for group in groups]
+                dtype, width = _from_np_dtype(ROW_DTYPE), len(groups)
+            elif self.point_map is None:  # they hold points
+                dtype, width = dtypes.float32, space.dim
+            else:  # they hold grid coordinates, mapped to points in the graphs
+                dtype, width = _from_np_dtype(self.point_map.dtype), space.dim
+                self.point_scale = Tensor(self.point_map.scale).realize()
+                self.point_offset = Tensor(self.point_map.offset).realize()
+            self.act_candidates = realized_zeros(1, k, width, dtype=dtype)
+            self.target_inputs = [realized_zeros(cfg.batch_size, k, width, dtype=dtype)]
             self._proto = TinyJit(lambda: self._proto_graph(self.state_in, self.noise_in))
             self._target_proto = TinyJit(lambda: self._target_proto_graph(self.batch[3]))
             self._best = TinyJit(lambda: self._best_graph(self.state_in, self.act_candidates))
@@ -131,28 +132,29 @@ class WolpertingerAgent(DDPG):
         """Position (B,) of the online critic's best candidate of each state, from a candidate buffer."""
         if self.tables is None or candidates.shape[1] == 1:
             return self._best_candidate(states, self._candidate_points(candidates))
-        return self.critic.score_tabulated(states, self._table_rows(candidates), self.tables).argmax(1)
-
-    def _table_rows(self, candidates: Tensor) -> Tensor:
-        """Each candidate's row in each group's table of points (B, K, G), from its grid coordinates; in a buffer
-        of its own, not recomputed per hidden unit inside the scoring kernel."""
-        rows = [(candidates[:, :, group.start:group.stop].cast(dtypes.int32) * weights).sum(-1)
-                for group, weights in zip(self.point_map.groups, self.group_weights)]
-        return Tensor.stack(*rows, dim=-1).contiguous()
+        return self.critic.score_tabulated(states, candidates.cast(dtypes.int32), self.tables).argmax(1)
 
     def _candidate_points(self, candidates: Tensor) -> Tensor:
-        """The points (..., A) of candidates in a buffer: as written, or mapped from grid coordinates (once, into
-        their own buffer: mapped inside the scoring kernel they would be converted once per hidden unit)."""
+        """The points (..., A) of candidates in a buffer: as written, looked up in the tables from their rows, or
+        mapped from grid coordinates (once, into their own buffer: mapped inside the scoring kernel they would be
+        converted once per hidden unit)."""
+        if self.tables is not None:
+            rows = candidates.cast(dtypes.int32)
+            return Tensor.cat(*[table[rows[..., g]] for g, table in enumerate(self.tables)], dim=-1).contiguous()
         if self.point_map is None:
             return candidates
         return (candidates.cast(dtypes.float32) * self.point_scale + self.point_offset).contiguous()
 
-    def _candidate_input(self, ids: np.ndarray) -> np.ndarray:
-        """What a candidate buffer takes for the search's ids, (B, k) + id_shape: their points, or their grid
-        coordinates (B, k, A)."""
+    def _candidate_input(self, found: np.ndarray) -> np.ndarray:
+        """What a candidate buffer takes for the search's k nearest of each proto-action (B, k, width): the points
+        of embedded items; for a grid, what the search wrote (grid coordinates, or rows of the tables)."""
         if self.point_map is None:
-            return self.space.points(ids)
-        return ids.reshape(*ids.shape[:2], self.space.dim)
+            return self.space.points(found)
+        return found.reshape(len(found), self.k, -1)
+
+    def _action_id(self, found_one: np.ndarray):
+        """The action id of one of the search's candidates."""
+        return self.space.group_coordinates(found_one, self.groups) if self.groups else found_one
 
     def _target_actions(self, next_states: Tensor, *target_inputs: Tensor) -> Tensor:
         if self.in_graph_window:
@@ -160,12 +162,12 @@ class WolpertingerAgent(DDPG):
             return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
         candidates, = target_inputs
         best = self._best_in_buffer(next_states, candidates)
-        return self._candidate_points(candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, self.space.dim))[:, 0])
+        return self._candidate_points(candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, candidates.shape[2]))[:, 0])
 
     def _prepare_target_inputs(self) -> None:
         if not self.in_graph_window:
             protos = read(self._target_proto())
-            write(self.target_inputs[0], self._candidate_input(self.space.search(protos, self.k)))
+            write(self.target_inputs[0], self._candidate_input(self.space.search(protos, self.k, self.groups)))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):
@@ -187,8 +189,8 @@ class WolpertingerAgent(DDPG):
         if self.in_graph_window:
             best, first = read(self._act())
             return int(first + self.rng.integers(self.k) if pick_random else best)
-        neighbours = self.space.search(read(self._proto()), self.k)
+        neighbours = self.space.search(read(self._proto()), self.k, self.groups)
         if pick_random:
-            return neighbours[0, self.rng.integers(self.k)]
+            return self._action_id(neighbours[0, self.rng.integers(self.k)])
         write(self.act_candidates, self._candidate_input(neighbours))
-        return neighbours[0, int(read(self._best())[0])]
+        return self._action_id(neighbours[0, int(read(self._best())[0])])

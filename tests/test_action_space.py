@@ -140,6 +140,22 @@ def test_search_equals_brute_force_on_long_axes_and_any_batch(nvec, k, queries):
     assert_exact_knn(space, protos[np.random.default_rng(queries).choice(len(protos), queries, replace=False)], k)
 
 
+@pytest.mark.parametrize("nvec,knn", [((2,) * 20, "lattice"), ((3, 5, 7, 2, 2, 2, 4), "lattice"), ((2,) * 9, "flann")])
+def test_search_writes_rows_of_the_tables_on_request(nvec, knn):
+    """Given point_map's groups, each found point comes as its row in each group's table: the rows of the very
+    points found otherwise, which group_coordinates turns back into them."""
+    space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64), knn=knn)
+    groups = space.point_map().groups
+    protos = awkward_protos(space, np.random.default_rng(len(nvec)))
+    found, rows = space.search(protos, 50), space.search(protos, 50, groups)
+    assert rows.shape == (len(protos), 50, len(groups)) and rows.dtype == action_space.ROW_DTYPE
+    for g, group in enumerate(groups):
+        np.testing.assert_array_equal(group.points[rows[..., g]], space.points(found)[..., group.start:group.stop])
+    np.testing.assert_array_equal(space.group_coordinates(rows, groups), found)
+    with pytest.raises(ValueError, match="no groups"):
+        action_space.EmbeddingActionSpace(np.eye(4)).search(np.zeros((1, 4)), 2, groups)
+
+
 def test_search_never_enumerates_a_huge_space():
     space = GridActionSpace.multi_discrete(np.full(100, 2), np.zeros(100, np.int8))   # 2^100 actions
     protos = np.random.default_rng(0).uniform(-1, 1, (4, 100))
