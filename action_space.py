@@ -241,7 +241,8 @@ class GridActionSpace(ActionSpace):
                           k, out.shape[2], column.ctypes.data, weight.ctypes.data, out.itemsize, out[rows].ctypes.data)
 
         half = (len(protos) + 1) // 2
-        statuses = list(_search_threads().map(run, [slice(0, half), slice(half, None)])) if half > 1 else [run(slice(None))]
+        halves = [slice(0, half), slice(half, None)]
+        statuses = list(_search_threads().map(run, halves)) if half > 1 else [run(slice(None))]
         if -1 in statuses:
             raise MemoryError(f"the grid search ran out of memory (k = {k:,})")
         if any(statuses):
@@ -259,8 +260,9 @@ def _grid_knn_function():
     source = GRID_KNN_SOURCE.read_bytes()
     function = _compiled_library(source, f"grid_knn-{hashlib.sha256(source).hexdigest()[:16]}.so").grid_knn
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    pointer = ctypes.c_void_p
+    function.argtypes = [ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, ctypes.c_int64, ctypes.c_int, pointer,
+                         pointer, ctypes.c_int, pointer]
     return function
 
 

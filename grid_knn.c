@@ -6,10 +6,10 @@
    the k of smallest excess. Per query:
      1. a bound U with at least k points of excess <= U: first from whole axes (their product of coordinates
         reaches k), then tightened twice by counting points over a histogram of quantised excesses;
-     2. every point of excess <= U, each listed once: a point is its nearest corner plus changes on some axes,
+     2. every point of excess <= U, each listed once: a point is the nearest point plus changes on some axes,
         added in the order of the axes' cheapest change, so a point's children only change later axes;
      3. the k of smallest excess among them (a quickselect; ties at the k-th broken arbitrarily), written as
-        coordinates.
+        coordinates or as weighted sums of groups of coordinates (a point's row in each group's table).
    The work grows with k (about 1.1 k points listed per query), not with the number of grid points. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,7 +33,8 @@ static void rank_axis(double pos, int64_t count, double step, double proto, int6
   if (pos < 0) left = -1, right = 0;
   if (left >= count - 1) left = count - 1, right = count;
   for (int64_t r = 0; r < width; r++) {
-    double to_left = left >= 0 ? left * step - 1.0 - proto : 0, to_right = right < count ? right * step - 1.0 - proto : 0;
+    double to_left = left >= 0 ? left * step - 1.0 - proto : 0;
+    double to_right = right < count ? right * step - 1.0 - proto : 0;
     int take_left = right >= count || (left >= 0 && to_left * to_left <= to_right * to_right);
     coord[r] = take_left ? left-- : right++;
     excess[r] = take_left ? to_left * to_left : to_right * to_right;

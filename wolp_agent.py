@@ -8,8 +8,9 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
 - otherwise (d > 1, or --knn flann): the action set's search on the host (grid_knn.c for a grid) fills a
   candidate buffer that the compiled graphs score. A grid's candidates travel as their integer coordinates
   and become points in the graphs; where its axes fall into a few groups of few combinations (MultiBinary:
-  8 axes, 256 combinations per group), the critic's action part is tabulated per group and each candidate
-  adds one row per group instead of multiplying every action column.
+  8 axes, 256 combinations per group), the critic's action part is tabulated per group, the search writes
+  each candidate as its row in each group's table, and each candidate adds one row per group instead of
+  multiplying every action column.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ class WolpertingerAgent(DDPG):
             return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
         candidates, = target_inputs
         best = self._best_in_buffer(next_states, candidates)
-        return self._candidate_points(candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, candidates.shape[2]))[:, 0])
+        chosen = candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, candidates.shape[2]))[:, 0]
+        return self._candidate_points(chosen)
 
     def _prepare_target_inputs(self) -> None:
         if not self.in_graph_window:

@@ -298,8 +298,8 @@ def test_bad_input_is_one_line_and_touches_nothing(case, cartpole, tmp_path):
 def test_a_missing_clang_is_one_line(tmp_path):
     """The grid k-NN compiles grid_knn.c on first use (into the cache folder): without clang, a one-line error."""
     environment = {**os.environ, "PATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "main.py", "--env", "Configurator-v0", "--max-episode", "1", "--output",
-                             str(tmp_path / "out")], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "main.py", "--env", "Configurator-v0", "--max-episode", "1", "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "clang" in lines[0], result.stderr
