@@ -81,7 +81,7 @@ static double tighten(double bound, int64_t k, int n_axes, const int32_t *order,
   return tighter < bound ? tighter : bound;
 }
 
-/* Every point of excess <= bound, as a tree: node 0 the nearest corner, a child one more changed axis. */
+/* Every point of excess <= bound, as a tree: node 0 the nearest point, a child one more changed axis. */
 static int64_t list_points(double bound, int n_axes, const int32_t *order, const int64_t *width,
                            double *const *excess, Node **nodes, int64_t *capacity) {
   int64_t n = 1;

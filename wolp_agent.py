@@ -37,8 +37,8 @@ def available_memory() -> int | None:
 
 def check_candidate_memory(k: int, action_dim: int, cfg: DDPGConfig) -> None:
     """Refuse a k whose candidates for a minibatch would not fit in memory: per candidate of each state, its
-    point and the search's coordinates and links (about 16 bytes per action dimension), the critic's hidden
-    pre-activations and the search's working space."""
+    point and its coordinates (at most 16 bytes per action dimension), the critic's hidden pre-activations and
+    the search's working space (its listed points)."""
     need = (cfg.batch_size + 1) * k * (16 * action_dim + 4 * cfg.hidden2 + 64)
     available = available_memory()
     if available is not None and need > available / 2:
