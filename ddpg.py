@@ -5,11 +5,12 @@ Wolpertinger agent; everything here is independent of how actions are chosen.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.dtype import _to_np_dtype
 
 from memory import ReplayMemory
@@ -56,9 +57,9 @@ class DDPGConfig:
     flush_below: float = FLUSH_BELOW
 
 
-def realized_zeros(*shape: int, dtype=dtypes.float32) -> Tensor:
-    """A realised buffer (float32 unless told) to write host data into (see `write`)."""
-    return Tensor.zeros(*shape, dtype=dtype).contiguous().realize()
+def realized_zeros(*shape: int, dtype=dtypes.float32, device: str | None = None) -> Tensor:
+    """A realised buffer (float32 and on the default device unless told) to write host data into (see `write`)."""
+    return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
 
 
 def write(buffer: Tensor, array: np.ndarray) -> None:
@@ -66,6 +67,24 @@ def write(buffer: Tensor, array: np.ndarray) -> None:
     Tensor, no graph)."""
     buf = buffer.uop.buffer.ensure_allocated()
     buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array, _to_np_dtype(buffer.dtype))).cast("B"))
+
+
+def sleep_until_idle(devices: list[str]) -> None:
+    """Sleep until the worker threads of these tinygrad CPU devices (and of the CPU device that submits their work)
+    have run every queued command. tinygrad's own wait spins in Python, holding a core and the GIL, which leaves
+    graphs queued on two CPU devices of a 2-core machine one core between them. Sleeps grow with the time waited
+    (a tenth of it), so that waking costs little of either core and adds at most a tenth to the wait. Only a wait
+    in advance: a `read` still synchronises, so an early return costs time, never correctness. Two passes in a
+    row find every worker idle, as a submitting worker passes commands on to the others."""
+    workers = [tuple(getattr(worker, name)._buf.cpu_view().view(fmt="Q") for name in ("put", "done"))
+               for device in dict.fromkeys(["CPU", *devices]) for worker in getattr(Device[device], "workers", ())]
+    start, idle_passes = time.perf_counter(), 0
+    while idle_passes < 2:
+        if all(done[0] >= put[0] for put, done in workers):
+            idle_passes += 1
+        else:
+            idle_passes = 0
+            time.sleep(max(2e-5, (time.perf_counter() - start) / 10))
 
 
 def read(tensor: Tensor) -> np.ndarray:

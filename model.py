@@ -5,6 +5,7 @@ network in a handful of kernels; the layers read shaped views of it.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -48,6 +49,12 @@ class FlatParams:
 
     def copy_from(self, other: FlatParams) -> None:
         self.flat.assign(other.flat).realize()
+
+    def replica(self, device: str):
+        """A copy of this network whose flat buffer lives on `device` (kept current by writing into it)."""
+        twin = copy.copy(self)
+        twin.flat = self.flat.to(device).contiguous().realize()
+        return twin
 
 
 def _uniform(shape: tuple[int, ...], bound: float) -> Tensor:

@@ -10,18 +10,23 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
   and become points in the graphs; where its axes fall into a few groups of few combinations (MultiBinary:
   8 axes, 256 combinations per group), the critic's action part is tabulated per group, the search writes
   each candidate as its row in each group's table, and each candidate adds one row per group instead of
-  multiplying every action column.
+  multiplying every action column. The update's ranking of its minibatch's candidates, its heaviest part, is
+  split between the CPU's cores (see `ranking_devices`).
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.dtype import _from_np_dtype
+from tinygrad.helpers import getenv
 
-from action_space import ROW_DTYPE, ActionSpace, GridActionSpace
-from ddpg import DDPG, DDPGConfig, read, realized_zeros, write
+from action_space import ROW_DTYPE, ActionSpace, GridActionSpace, PointMap
+from ddpg import DDPG, DDPGConfig, read, realized_zeros, sleep_until_idle, write
+from model import Critic
 
 SCORINGS = ("factored", "full")
 
@@ -44,6 +49,69 @@ def check_candidate_memory(k: int, action_dim: int, cfg: DDPGConfig) -> None:
     if available is not None and need > available / 2:
         raise ValueError(f"k = {k} needs about {need / 2 ** 30:.1f} GiB for the candidates of a minibatch, more "
                          f"than half the {available / 2 ** 30:.1f} GiB of memory available; choose a smaller --k")
+
+
+def ranking_devices() -> list[str]:
+    """The devices between which the update splits the ranking of its minibatch's candidates. Under tinygrad's HCQ2
+    runtime (main.py turns it on) each CPU device runs its kernels in a worker thread of its own, so graphs queued on
+    CPU devices of their own run side by side: one device per core this process may use. Without HCQ2, or on
+    another backend, the one default device."""
+    if Device.DEFAULT != "CPU" or not getenv("HCQ2"):
+        return [Device.DEFAULT]
+    return ["CPU"] + [f"CPU:{i}" for i in range(1, len(os.sched_getaffinity(0)))]
+
+
+def best_candidate(critic: Critic, scoring: str, states: Tensor, candidates: Tensor) -> Tensor:
+    """Position (B,) of the critic's best candidate for each state: states (B, S), candidates (B, K, A)."""
+    if candidates.shape[1] == 1:  # a lone candidate needs no critic
+        return Tensor.zeros(candidates.shape[0], dtype="int32", device=candidates.device)
+    return (critic.score if scoring == "factored" else critic.score_full)(states, candidates).argmax(1)
+
+
+class CandidateRanker:
+    """The online critic's choice among the candidates in a buffer, on one device: the critic (the agent's own, or a
+    replica on another device) and what turns the buffer's entries into points there. The buffer holds points
+    (embedded items), grid coordinates, or each candidate's rows in the critic's group tables (`tables`: the groups'
+    points; see `Critic.score_tabulated`)."""
+
+    def __init__(self, critic: Critic, scoring: str, point_map: PointMap | None, tables: list[np.ndarray] | None):
+        self.critic, self.scoring, self.point_map, device = critic, scoring, point_map, critic.flat.device
+        self.tables = None if tables is None else [Tensor(points, device=device).realize() for points in tables]
+        if point_map is not None and tables is None:
+            self.point_scale = Tensor(point_map.scale, device=device).realize()
+            self.point_offset = Tensor(point_map.offset, device=device).realize()
+
+    def best(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """Position (B,) of the best candidate of each state."""
+        if self.tables is None or candidates.shape[1] == 1:
+            return best_candidate(self.critic, self.scoring, states, self.points(candidates))
+        return self.critic.score_tabulated(states, candidates.cast(dtypes.int32), self.tables).argmax(1)
+
+    def best_points(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """The point (B, A) of the best candidate of each state."""
+        best = self.best(states, candidates).reshape(-1, 1, 1).expand(-1, 1, candidates.shape[2])
+        return self.points(candidates.gather(1, best)[:, 0])
+
+    def points(self, candidates: Tensor) -> Tensor:
+        """The points (..., A) of candidates: as written, looked up in the tables from their rows, or mapped from
+        grid coordinates (once, into their own buffer: mapped inside the scoring kernel they would be converted
+        once per hidden unit)."""
+        if self.tables is not None:
+            rows = candidates.cast(dtypes.int32)
+            return Tensor.cat(*[table[rows[..., g]] for g, table in enumerate(self.tables)], dim=-1).contiguous()
+        if self.point_map is None:
+            return candidates
+        return (candidates.cast(dtypes.float32) * self.point_scale + self.point_offset).contiguous()
+
+
+@dataclass
+class RankingPart:
+    """Rows `rows` of the minibatch, whose next states' candidates `choose` ranks on the device of `states`."""
+    rows: slice
+    critic: Critic
+    states: Tensor
+    candidates: Tensor
+    choose: TinyJit
 
 
 class WolpertingerAgent(DDPG):
@@ -71,34 +139,40 @@ class WolpertingerAgent(DDPG):
             # tabulated scoring where a table lookup replaces 3 or more action columns: measured on the CPU, a
             # lookup costs about 2.5 columns' multiply-adds (MultiBinary(20): 3 lookups, 44 ms instead of 124)
             groups = self.point_map.groups if self.point_map is not None else ()
-            self.groups, self.tables = (), None
+            self.groups, tables = (), None
             if scoring == "factored" and groups and 3 * len(groups) <= space.dim:
                 # the candidate buffers hold each candidate's row in each group's table, as the search writes them
-                self.groups, self.tables = groups, [Tensor(group.points).realize() for group in groups]
+                self.groups, tables = groups, [group.points for group in groups]
                 dtype, width = _from_np_dtype(ROW_DTYPE), len(groups)
             elif self.point_map is None:  # they hold points
                 dtype, width = dtypes.float32, space.dim
             else:  # they hold grid coordinates, mapped to points in the graphs
                 dtype, width = _from_np_dtype(self.point_map.dtype), space.dim
-                self.point_scale = Tensor(self.point_map.scale).realize()
-                self.point_offset = Tensor(self.point_map.offset).realize()
+            self.ranker = CandidateRanker(self.critic, scoring, self.point_map, tables)
             self.act_candidates = realized_zeros(1, k, width, dtype=dtype)
-            self.target_inputs = [realized_zeros(cfg.batch_size, k, width, dtype=dtype)]
             self._proto = TinyJit(lambda: self._proto_graph(self.state_in, self.noise_in))
             self._target_proto = TinyJit(lambda: self._target_proto_graph(self.batch[3]))
-            self._best = TinyJit(lambda: self._best_graph(self.state_in, self.act_candidates))
+            self._best = TinyJit(lambda: self.ranker.best(self.state_in, self.act_candidates).realize())
+            self.target_inputs = [realized_zeros(cfg.batch_size, space.dim)]  # the a' chosen for each next state
+            devices = ranking_devices()[:cfg.batch_size]
+            self.ranking_parts = [self._ranking_part(rows, device, tables, dtype, width) for rows, device in
+                                  zip(np.array_split(np.arange(cfg.batch_size), len(devices)), devices)]
 
-    # --- scoring ---------------------------------------------------------------------------------------------
-    def _score(self, states: Tensor, candidates: Tensor) -> Tensor:
-        """Online-critic Q of each candidate with its own state: (B, S), (B, K, A) -> (B, K)."""
-        return (self.critic.score if self.scoring == "factored" else self.critic.score_full)(states, candidates)
+    def _ranking_part(self, rows: np.ndarray, device: str, tables: list[np.ndarray] | None, dtype,
+                      width: int) -> RankingPart:
+        """The ranking of the candidates of the minibatch's `rows` on `device`, with the agent's own critic and
+        ranker where that is the default device, replicas elsewhere."""
+        if device == Device.DEFAULT:
+            critic, ranker = self.critic, self.ranker
+        else:
+            critic = self.critic.replica(device)
+            ranker = CandidateRanker(critic, self.scoring, self.point_map, tables)
+        states = realized_zeros(len(rows), self.state_dim, device=device)
+        candidates = realized_zeros(len(rows), self.k, width, dtype=dtype, device=device)
+        choose = TinyJit(lambda: ranker.best_points(states, candidates).realize())
+        return RankingPart(slice(rows[0], rows[-1] + 1), critic, states, candidates, choose)
 
-    def _best_candidate(self, states: Tensor, candidates: Tensor) -> Tensor:
-        """Position (B,) of the online critic's best candidate of each state."""
-        if candidates.shape[1] == 1:  # a lone candidate needs no critic
-            return Tensor.zeros(candidates.shape[0], dtype="int32")
-        return self._score(states, candidates).argmax(1)
-
+    # --- compiled graphs -------------------------------------------------------------------------------------
     def _window_best(self, states: Tensor, protos: Tensor) -> tuple[Tensor, Tensor]:
         """Float grid indices (B,) of the best of the k grid points nearest to each 1-d proto-action, and of
         the first of those k (the window is [first, first + k - 1])."""
@@ -110,10 +184,9 @@ class WolpertingerAgent(DDPG):
         else:
             kinks = ((self.critic.kinks(states) + 1) / step).clip(lo, hi).floor()
             indices = Tensor.cat(lo, hi, kinks, (kinks + 1).clip(lo, hi), dim=1)
-        best = self._best_candidate(states, (indices * step - 1).unsqueeze(2))
+        best = best_candidate(self.critic, self.scoring, states, (indices * step - 1).unsqueeze(2))
         return indices.gather(1, best.unsqueeze(1))[:, 0], lo[:, 0]
 
-    # --- compiled graphs -------------------------------------------------------------------------------------
     def _proto_of(self, state: Tensor, noise: Tensor) -> Tensor:
         return (self.actor(state) + noise).clip(-1, 1)
 
@@ -125,26 +198,6 @@ class WolpertingerAgent(DDPG):
 
     def _target_proto_graph(self, next_states: Tensor) -> Tensor:
         return self.actor_target(next_states).clip(-1, 1).realize()
-
-    def _best_graph(self, state: Tensor, candidates: Tensor) -> Tensor:
-        return self._best_in_buffer(state, candidates).realize()
-
-    def _best_in_buffer(self, states: Tensor, candidates: Tensor) -> Tensor:
-        """Position (B,) of the online critic's best candidate of each state, from a candidate buffer."""
-        if self.tables is None or candidates.shape[1] == 1:
-            return self._best_candidate(states, self._candidate_points(candidates))
-        return self.critic.score_tabulated(states, candidates.cast(dtypes.int32), self.tables).argmax(1)
-
-    def _candidate_points(self, candidates: Tensor) -> Tensor:
-        """The points (..., A) of candidates in a buffer: as written, looked up in the tables from their rows, or
-        mapped from grid coordinates (once, into their own buffer: mapped inside the scoring kernel they would be
-        converted once per hidden unit)."""
-        if self.tables is not None:
-            rows = candidates.cast(dtypes.int32)
-            return Tensor.cat(*[table[rows[..., g]] for g, table in enumerate(self.tables)], dim=-1).contiguous()
-        if self.point_map is None:
-            return candidates
-        return (candidates.cast(dtypes.float32) * self.point_scale + self.point_offset).contiguous()
 
     def _candidate_input(self, found: np.ndarray) -> np.ndarray:
         """What a candidate buffer takes for the search's k nearest of each proto-action (B, k, width): the points
@@ -161,15 +214,28 @@ class WolpertingerAgent(DDPG):
         if self.in_graph_window:
             protos = self.actor_target(next_states).clip(-1, 1)
             return self._window_best(next_states, protos)[0].unsqueeze(1) * self.space.step - 1
-        candidates, = target_inputs
-        best = self._best_in_buffer(next_states, candidates)
-        chosen = candidates.gather(1, best.reshape(-1, 1, 1).expand(-1, 1, candidates.shape[2]))[:, 0]
-        return self._candidate_points(chosen)
+        chosen, = target_inputs
+        return chosen
 
     def _prepare_target_inputs(self) -> None:
-        if not self.in_graph_window:
-            protos = read(self._target_proto())
-            write(self.target_inputs[0], self._candidate_input(self.space.search(protos, self.k, self.groups)))
+        """For the host's search: the k nearest actions of each next state's target proto-action, ranked by the
+        online critic in parts of the minibatch, side by side; the chosen points fill the update's input."""
+        if self.in_graph_window:
+            return
+        found = self._candidate_input(self.space.search(read(self._target_proto()), self.k, self.groups))
+        parts = self.ranking_parts
+        next_states = read(self.batch[3])
+        weights = read(self.critic.flat) if len(parts) > 1 else None
+        for part in parts:
+            write(part.states, next_states[part.rows])
+            write(part.candidates, found[part.rows])
+            if part.critic is not self.critic:
+                write(part.critic.flat, weights)
+        chosen = [part.choose() for part in parts]  # queued on their devices at once, run side by side
+        if len(parts) > 1:
+            sleep_until_idle([part.states.device for part in parts])
+        chosen = [read(points) for points in chosen]
+        write(self.target_inputs[0], np.concatenate(chosen))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):

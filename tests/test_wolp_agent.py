@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from tinygrad import Tensor
+from tinygrad import Device, Tensor
 
 from action_space import EmbeddingActionSpace, GridActionSpace
 from ddpg import DDPGConfig, read, write
 from memory import ReplayMemory
 from tests.test_action_space import every_id, flat
+import wolp_agent
 from wolp_agent import WolpertingerAgent
 
 S = 3
@@ -75,9 +76,7 @@ def explore_once(agent, state, actor):
     return index, actor("actor", state[None].astype(np.float64))[0] + scale * agent.noise.x
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_target_actions_equal_per_state_brute_force(case):
-    agent = make_agent(case)
+def assert_target_choice_is_brute_force(agent):
     next_states = np.random.default_rng(1).normal(size=(32, S)).astype(np.float32)
     write(agent.batch[3], next_states)
     agent._prepare_target_inputs()
@@ -88,6 +87,27 @@ def test_target_actions_equal_per_state_brute_force(case):
     q_got = critic("critic", next_states.astype(np.float64), got.astype(np.float64))
     np.testing.assert_allclose(q_got, best_q, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, agent.space.points(chosen), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_target_actions_equal_per_state_brute_force(case):
+    assert_target_choice_is_brute_force(make_agent(case))
+
+
+@pytest.mark.skipif(Device.DEFAULT != "CPU", reason="splits the ranking between CPU devices")
+@pytest.mark.parametrize("case", ["2d-lattice", "multi-binary", "embedding"])
+def test_ranking_split_between_devices_follows_the_online_critic(case, monkeypatch):
+    """The minibatch's ranking in three uneven parts (11 + 11 + 10 rows) on three CPU devices, after updates have
+    changed the online critic: every part ranks its own rows with the critic's current weights."""
+    monkeypatch.setattr(wolp_agent, "ranking_devices", lambda: ["CPU", "CPU:1", "CPU:2"])
+    agent = make_agent(case)
+    assert [part.states.device for part in agent.ranking_parts] == ["CPU", "CPU:1", "CPU:2"]
+    before = read(agent.critic.flat)
+    memory = filled_memory(agent)
+    for _ in range(3):
+        agent.update(memory)
+    assert not np.allclose(read(agent.critic.flat), before)
+    assert_target_choice_is_brute_force(agent)
 
 
 @pytest.mark.parametrize("case", ["1d-window", "2d-lattice", "multi-discrete", "multi-binary"])
