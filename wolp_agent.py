@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad.dtype import _from_np_dtype
+from tinygrad.dtype import DType, _from_np_dtype
 from tinygrad.helpers import getenv
 
 from action_space import ROW_DTYPE, ActionSpace, GridActionSpace, PointMap
@@ -158,7 +158,7 @@ class WolpertingerAgent(DDPG):
             self.ranking_parts = [self._ranking_part(rows, device, tables, dtype, width) for rows, device in
                                   zip(np.array_split(np.arange(cfg.batch_size), len(devices)), devices)]
 
-    def _ranking_part(self, rows: np.ndarray, device: str, tables: list[np.ndarray] | None, dtype,
+    def _ranking_part(self, rows: np.ndarray, device: str, tables: list[np.ndarray] | None, dtype: DType,
                       width: int) -> RankingPart:
         """The ranking of the candidates of the minibatch's `rows` on `device`, with the agent's own critic and
         ranker where that is the default device, replicas elsewhere."""
