@@ -100,14 +100,16 @@ def check(opts: argparse.Namespace) -> list[list[tuple[str, str]]]:
     return configs
 
 
-def run_main(argv: list[str], folder: Path, hcq2: str) -> Path:
+def run_main(argv: list[str], folder: Path, cpus: float) -> Path:
     """Run main.py with `--output folder` in its own process (output appended to folder/main.out); returns the run
-    folder it made. The process gets SIGTERM (main.py then saves and stops) if the trial's worker dies."""
+    folder it made. The process gets SIGTERM (main.py then saves and stops) if the trial's worker dies. With fewer
+    than 2 CPUs tinygrad's HCQ2 is off (its host thread spin-waits on a core of its own), and the update's ranking
+    uses at most the trial's CPUs, not every core of the machine."""
     import ctypes
     import signal
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.glob("*-run*"))
-    env = {**os.environ, "HCQ2": hcq2}
+    env = {**os.environ, "HCQ2": "1" if cpus >= 2 else "0", "WOLPERTINGER_CORES": str(max(1, int(cpus)))}
     die_with_parent = lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
     with open(folder / "main.out", "a") as out:
         result = subprocess.run([sys.executable, str(PROJECT / "main.py"), *argv, "--output", str(folder)],
@@ -126,13 +128,12 @@ def trial(config: dict, opts: argparse.Namespace) -> None:
     from util import read_metrics
     flags, seed = [tuple(f) for f in config["flags"]], config["seed"]
     folder = Path(opts.output) / "runs" / config_name(flags) / f"seed{seed}"
-    hcq2 = "1" if opts.cpus_per_trial >= 2 else "0"
     argv = trial_argv(opts, flags, seed)
-    train_run = run_main(argv, folder, hcq2)
+    train_run = run_main(argv, folder, opts.cpus_per_trial)
     test_run, test_return = None, float("nan")
     if opts.test_episodes:
         test_run = run_main([*argv, "--mode", "test", "--load-model-dir", str(train_run),
-                             "--test-episode", str(opts.test_episodes)], folder, hcq2)
+                             "--test-episode", str(opts.test_episodes)], folder, opts.cpus_per_trial)
         test_return = float(np.mean(read_metrics(test_run / "metrics.csv")["return"]))
     evals = read_metrics(train_run / "metrics.csv")["eval_return"]
     evals = evals[~np.isnan(evals)]

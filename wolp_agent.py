@@ -51,14 +51,19 @@ def check_candidate_memory(k: int, action_dim: int, cfg: DDPGConfig) -> None:
                          f"than half the {available / 2 ** 30:.1f} GiB of memory available; choose a smaller --k")
 
 
+CORES_ENV = "WOLPERTINGER_CORES"  # at most this many cores for the ranking (sweep.py sets it to a trial's CPUs)
+
+
 def ranking_devices() -> list[str]:
     """The devices between which the update splits the ranking of its minibatch's candidates. Under tinygrad's HCQ2
     runtime (main.py turns it on) each CPU device runs its kernels in a worker thread of its own, so graphs queued on
-    CPU devices of their own run side by side: one device per core this process may use. Without HCQ2, or on
-    another backend, the one default device."""
+    CPU devices of their own run side by side: one device per core this process may use, at most $WOLPERTINGER_CORES.
+    Without HCQ2, or on another backend, the one default device."""
     if Device.DEFAULT != "CPU" or not getenv("HCQ2"):
         return [Device.DEFAULT]
-    return ["CPU"] + [f"CPU:{i}" for i in range(1, len(os.sched_getaffinity(0)))]
+    cores = len(os.sched_getaffinity(0))
+    cores = max(1, min(cores, int(os.environ.get(CORES_ENV, cores))))
+    return ["CPU"] + [f"CPU:{i}" for i in range(1, cores)]
 
 
 def best_candidate(critic: Critic, scoring: str, states: Tensor, candidates: Tensor) -> Tensor:

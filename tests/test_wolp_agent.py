@@ -1,6 +1,9 @@
+import os
+
 import numpy as np
 import pytest
 from tinygrad import Device, Tensor
+from tinygrad.helpers import getenv
 
 from action_space import EmbeddingActionSpace, GridActionSpace
 from ddpg import DDPGConfig, read, write
@@ -92,6 +95,17 @@ def assert_target_choice_is_brute_force(agent):
 @pytest.mark.parametrize("case", CASES)
 def test_target_actions_equal_per_state_brute_force(case):
     assert_target_choice_is_brute_force(make_agent(case))
+
+
+@pytest.mark.skipif(Device.DEFAULT != "CPU" or not getenv("HCQ2"), reason="CPU devices side by side need HCQ2")
+def test_ranking_devices_stop_at_the_cores_allowed(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv(wolp_agent.CORES_ENV, "1")
+    assert wolp_agent.ranking_devices() == ["CPU"]
+    monkeypatch.setenv(wolp_agent.CORES_ENV, "64")
+    assert wolp_agent.ranking_devices() == ["CPU"] + [f"CPU:{i}" for i in range(1, cores)]
+    monkeypatch.delenv(wolp_agent.CORES_ENV)
+    assert len(wolp_agent.ranking_devices()) == cores
 
 
 @pytest.mark.skipif(Device.DEFAULT != "CPU", reason="splits the ranking between CPU devices")
