@@ -165,17 +165,19 @@ class WolpertingerAgent(DDPG):
 
     def _ranking_part(self, rows: np.ndarray, device: str, tables: list[np.ndarray] | None, dtype: DType,
                       width: int) -> RankingPart:
-        """The ranking of the candidates of the minibatch's `rows` on `device`, with the agent's own critic and
-        ranker where that is the default device, replicas elsewhere."""
+        """The ranking of the candidates of the minibatch's `rows` on `device`: on the default device with the agent's
+        own critic and ranker, reading the next states in the update's own buffer; elsewhere with replicas and a
+        buffer of next states of its own."""
+        part_rows = slice(int(rows[0]), int(rows[-1]) + 1)
         if device == Device.DEFAULT:
-            critic, ranker = self.critic, self.ranker
+            critic, ranker, states = self.critic, self.ranker, self.batch[3][part_rows]
         else:
             critic = self.critic.replica(device)
             ranker = CandidateRanker(critic, self.scoring, self.point_map, tables)
-        states = realized_zeros(len(rows), self.state_dim, device=device)
+            states = realized_zeros(len(rows), self.state_dim, device=device)
         candidates = realized_zeros(len(rows), self.k, width, dtype=dtype, device=device)
         choose = TinyJit(lambda: ranker.best_points(states, candidates).realize())
-        return RankingPart(slice(rows[0], rows[-1] + 1), critic, states, candidates, choose)
+        return RankingPart(part_rows, critic, states, candidates, choose)
 
     # --- compiled graphs -------------------------------------------------------------------------------------
     def _window_best(self, states: Tensor, protos: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,18 +231,17 @@ class WolpertingerAgent(DDPG):
             return
         found = self._candidate_input(self.space.search(read(self._target_proto()), self.k, self.groups))
         parts = self.ranking_parts
-        next_states = read(self.batch[3])
-        weights = read(self.critic.flat) if len(parts) > 1 else None
+        if len(parts) > 1:  # the replicas' next states and online critic weights
+            next_states, weights = read(self.batch[3]), read(self.critic.flat)
         for part in parts:
-            write(part.states, next_states[part.rows])
             write(part.candidates, found[part.rows])
             if part.critic is not self.critic:
+                write(part.states, next_states[part.rows])
                 write(part.critic.flat, weights)
-        chosen = [part.choose() for part in parts]  # queued on their devices at once, run side by side
+        queued = [part.choose() for part in parts]  # queued on their devices at once, run side by side
         if len(parts) > 1:
             sleep_until_idle([part.states.device for part in parts])
-        chosen = [read(points) for points in chosen]
-        write(self.target_inputs[0], np.concatenate(chosen))
+        write(self.target_inputs[0], np.concatenate([read(chosen) for chosen in queued]))
 
     # --- acting ----------------------------------------------------------------------------------------------
     def random_action(self):
