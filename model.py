@@ -11,6 +11,8 @@ import math
 import numpy as np
 from tinygrad import Tensor, dtypes
 
+LANES = 16  # partial sums per candidate in the critic's scoring of candidates (see Critic._candidate_output)
+
 
 class FlatParams:
     """Named parameter tensors stored back to back in one realised float32 buffer `flat`."""
@@ -138,7 +140,7 @@ class Critic(FlatParams):
         # flat buffer, they made the candidates' kernel 1.5x slower (64 x 10,485 candidates of 20 or 40 dimensions)
         action_weight = self._action_weight(p).T.contiguous()
         pre = self._state_part(states, p).unsqueeze(1) + candidates.matmul(action_weight)
-        return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
+        return self._candidate_output(pre, p)
 
     def score_tabulated(self, states: Tensor, rows: Tensor, tables: list[Tensor]) -> Tensor:
         """`score` of candidates given as rows (B, K, G) of G tables of points (rows_g, width_g) that cover
@@ -151,7 +153,21 @@ class Critic(FlatParams):
             width = points.shape[1]
             pre = pre + (points @ action_weight[:, start:start + width].T).contiguous()[rows[:, :, g]]
             start += width
-        return pre.relu().matmul(p["fc3.weight"][0]) + p["fc3.bias"][0]
+        return self._candidate_output(pre, p)
+
+    def _candidate_output(self, pre: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """fc3 over relu(pre) for pre-activations (B, K, hidden2) of candidates: (B, K).
+
+        The sum over hidden units runs in two kernels: LANES interleaved partial sums per candidate, then their sum.
+        As one reduction, tinygrad's CPU kernel added each unit's product into a scalar; split so, the first kernel
+        keeps the partial sums in vector registers (MultiBinary(20), 32 states x 10,485 candidates, tabulated, 2-core
+        Intel Xeon: 9.8 ms instead of 22 ms, the same arg-max)."""
+        batch, k, hidden = pre.shape
+        w_out = p["fc3.weight"][0]
+        if hidden % LANES:
+            return pre.relu().matmul(w_out) + p["fc3.bias"][0]
+        partial = (pre.relu() * w_out).reshape(batch, k, hidden // LANES, LANES).sum(2).contiguous()
+        return partial.sum(2) + p["fc3.bias"][0]
 
     def score_full(self, states: Tensor, candidates: Tensor) -> Tensor:
         """`score` computed the plain way: the whole critic over B*K (state, candidate) rows."""

@@ -55,6 +55,21 @@ def test_factored_score_equals_plain_critic(nets):
     assert single == pytest.approx(plain[b, j], abs=1e-6)
 
 
+@pytest.mark.parametrize("hidden2", [48, 20])
+def test_factored_score_sums_every_hidden_unit(hidden2):
+    """`score` against Q recomputed in numpy from the critic's weights, candidate by candidate with its own state,
+    for hidden2 a multiple of model.LANES (partial sums per lane, then their sum) and not (one sum)."""
+    Tensor.manual_seed(2)
+    critic, rng = Critic(S, A, 32, hidden2, 0.3), np.random.default_rng(2)
+    states, candidates = rng.normal(size=(4, S)).astype(np.float32), rng.uniform(-1, 1, (4, 40, A)).astype(np.float32)
+    p = {name: critic.view(name).numpy().astype(np.float64) for name in critic.shapes}
+    hidden = np.maximum(states @ p["fc1.weight"].T + p["fc1.bias"], 0)
+    pre = (hidden @ p["fc2.weight"][:, :32].T + p["fc2.bias"])[:, None] + candidates @ p["fc2.weight"][:, 32:].T
+    expected = np.maximum(pre, 0) @ p["fc3.weight"][0] + p["fc3.bias"][0]
+    np.testing.assert_allclose(critic.score(Tensor(states), Tensor(candidates)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 1e-3  # Q differs between candidates: a lost or doubled lane would show
+
+
 def test_tabulated_score_equals_the_score_of_the_points():
     """Candidates as rows of tables of points that cover blocks of the action (2 + 3 dimensions): the same Q as
     `score` of the points side by side, each candidate with its own state."""
