@@ -17,7 +17,7 @@
 
 #define BINS 256
 
-typedef struct { double excess; int32_t parent, position, rank; } Node;
+typedef struct { double excess; int32_t position; } Node;  /* position: the last changed axis's */
 typedef struct { double key; int32_t id; } Keyed;
 
 static int by_key(const void *a, const void *b) {
@@ -81,24 +81,62 @@ static double tighten(double bound, int64_t k, int n_axes, const int32_t *order,
   return tighter < bound ? tighter : bound;
 }
 
-/* Every point of excess <= bound, as a tree: node 0 the nearest point, a child one more changed axis. */
+/* Index i of a row of unsigned integers of `size` bytes (signed ones of 8). */
+static int64_t load(const void *row, int i, int size) {
+  switch (size) {
+    case 1: return ((const uint8_t *)row)[i];
+    case 2: return ((const uint16_t *)row)[i];
+    case 4: return ((const uint32_t *)row)[i];
+    default: return ((const int64_t *)row)[i];
+  }
+}
+
+/* Stores v at index i of such a row. */
+static void store(void *row, int i, int size, int64_t v) {
+  switch (size) {
+    case 1: ((uint8_t *)row)[i] = (uint8_t)v; break;
+    case 2: ((uint16_t *)row)[i] = (uint16_t)v; break;
+    case 4: ((uint32_t *)row)[i] = (uint32_t)v; break;
+    default: ((int64_t *)row)[i] = v;
+  }
+}
+
+/* How a point is written out: column j holds the sum of weight[i] * coordinate i over the axes i with
+   column[i] == j, integers of `size` bytes, `columns` of them. */
+typedef struct { int columns, size; const int32_t *column; const int64_t *weight; } Layout;
+
+/* The listed points: their tree nodes and, beside each, its row as written out. */
+typedef struct { Node *nodes; char *rows; int64_t capacity; } Listing;
+
+/* Every point of excess <= bound, as a tree: node 0 the nearest point (row `nearest`), a child one more changed
+   axis. A child's row is its parent's with one column changed, so a chosen point's row is read, not rebuilt. */
 static int64_t list_points(double bound, int n_axes, const int32_t *order, const int64_t *width,
-                           double *const *excess, Node **nodes, int64_t *capacity) {
-  int64_t n = 1;
-  (*nodes)[0] = (Node){0.0, -1, -1, 0};
+                           double *const *excess, int64_t *const *coord, Layout layout, const char *nearest,
+                           Listing *listing) {
+  int64_t n = 1, row_size = (int64_t)layout.columns * layout.size;
+  listing->nodes[0] = (Node){0.0, -1};
+  memcpy(listing->rows, nearest, row_size);
   for (int64_t i = 0; i < n; i++) {
-    Node node = (*nodes)[i];
+    Node node = listing->nodes[i];
     double room = bound - node.excess;
     for (int j = node.position + 1; j < n_axes; j++) {
       const double *e = excess[order[j]];
       if (e[1] > room) break;  /* axes are in the order of their cheapest change */
-      for (int64_t r = 1; r < width[order[j]] && e[r] <= room; r++) {
-        if (n == *capacity) {
-          Node *grown = realloc(*nodes, sizeof(Node) * (*capacity * 2));
-          if (!grown) return -1;
-          *nodes = grown, *capacity *= 2;
+      int a = order[j], col = layout.column[a];
+      for (int64_t r = 1; r < width[a] && e[r] <= room; r++) {
+        if (n == listing->capacity) {
+          Node *nodes = realloc(listing->nodes, sizeof(Node) * listing->capacity * 2);
+          if (nodes) listing->nodes = nodes;
+          char *rows = realloc(listing->rows, row_size * listing->capacity * 2);
+          if (rows) listing->rows = rows;
+          if (!nodes || !rows) return -1;
+          listing->capacity *= 2;
         }
-        (*nodes)[n++] = (Node){node.excess + e[r], (int32_t)i, j, (int32_t)r};
+        listing->nodes[n] = (Node){node.excess + e[r], j};
+        char *row = listing->rows + n * row_size;
+        memcpy(row, listing->rows + i * row_size, row_size);
+        store(row, col, layout.size, load(row, col, layout.size) + layout.weight[a] * (coord[a][r] - coord[a][0]));
+        n++;
       }
     }
   }
@@ -122,26 +160,6 @@ static void select_smallest(Keyed *a, int64_t n, int64_t k) {
   }
 }
 
-/* Index i of a row of unsigned integers of `size` bytes (signed ones of 8). */
-static int64_t load(const void *row, int i, int size) {
-  switch (size) {
-    case 1: return ((const uint8_t *)row)[i];
-    case 2: return ((const uint16_t *)row)[i];
-    case 4: return ((const uint32_t *)row)[i];
-    default: return ((const int64_t *)row)[i];
-  }
-}
-
-/* Stores v at index i of such a row. */
-static void store(void *row, int i, int size, int64_t v) {
-  switch (size) {
-    case 1: ((uint8_t *)row)[i] = (uint8_t)v; break;
-    case 2: ((uint16_t *)row)[i] = (uint16_t)v; break;
-    case 4: ((uint32_t *)row)[i] = (uint32_t)v; break;
-    default: ((int64_t *)row)[i] = v;
-  }
-}
-
 /* protos (queries, dim) in [-1, 1]; writes out (queries, k, columns), integers of `size` bytes (1, 2, 4:
    unsigned; 8: signed): column j of a point holds the sum of weight[i] * coordinate i over the axes i with
    column[i] == j (its coordinates: columns = dim, column[i] = i, weight[i] = 1). Returns 0; -1 when memory ran
@@ -150,10 +168,11 @@ int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *step
              int columns, const int32_t *column, const int64_t *weight, int size, void *out) {
   int32_t *order = malloc(sizeof(int32_t) * dim), *axes = malloc(sizeof(int32_t) * dim);
   int64_t *width = calloc(dim, sizeof(int64_t)), total = 0, capacity = 2 * k + 16;
+  Layout layout = {columns, size, column, weight};
   double **excess = calloc(dim, sizeof(double *)), count[BINS + 1], next[BINS + 1];
   int64_t **coord = calloc(dim, sizeof(int64_t *));
   Keyed *keyed = NULL, *cheapest = malloc(sizeof(Keyed) * dim);
-  Node *nodes = malloc(sizeof(Node) * capacity);
+  Listing listing = {malloc(sizeof(Node) * capacity), malloc((size_t)capacity * columns * size), capacity};
   char *nearest = malloc((size_t)columns * size);  /* the nearest point, as written out */
   int64_t *sums = malloc(sizeof(int64_t) * columns);
   int status = -1, n_axes = 0;
@@ -161,8 +180,8 @@ int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *step
     if (counts[i] > 1) axes[n_axes++] = i, width[i] = counts[i] < k ? counts[i] : k > 2 ? k : 2, total += width[i];
   int64_t *coord_block = malloc(sizeof(int64_t) * (total + 1));
   double *excess_block = malloc(sizeof(double) * (total + 1));
-  if (!order || !axes || !width || !excess || !coord || !cheapest || !nodes || !nearest || !sums || !coord_block
-      || !excess_block)
+  if (!order || !axes || !width || !excess || !coord || !cheapest || !listing.nodes || !listing.rows || !nearest
+      || !sums || !coord_block || !excess_block)
     goto done;
   for (int j = 0, offset = 0; j < n_axes; offset += width[axes[j]], j++)
     coord[axes[j]] = coord_block + offset, excess[axes[j]] = excess_block + offset;
@@ -187,26 +206,21 @@ int grid_knn(int64_t queries, int dim, const int64_t *counts, const double *step
     double loose = bound * (1.0 + 1e-12);
     bound = tighten(tighten(loose, k, n_axes, order, width, excess, count, next), k, n_axes, order, width, excess,
                     count, next);
-    int64_t n = list_points(bound, n_axes, order, width, excess, &nodes, &capacity);
-    if (n >= 0 && n < k) n = list_points(loose, n_axes, order, width, excess, &nodes, &capacity);
+    int64_t n = list_points(bound, n_axes, order, width, excess, coord, layout, nearest, &listing);
+    if (n >= 0 && n < k) n = list_points(loose, n_axes, order, width, excess, coord, layout, nearest, &listing);
     if (n < k) { status = n < 0 ? -1 : -2; goto done; }
     Keyed *grown = realloc(keyed, sizeof(Keyed) * n);
     if (!grown) goto done;
     keyed = grown;
-    for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){nodes[i].excess, (int32_t)i};
+    for (int64_t i = 0; i < n; i++) keyed[i] = (Keyed){listing.nodes[i].excess, (int32_t)i};
     if (n > k) select_smallest(keyed, n, k);
-    for (int64_t c = 0; c < k; c++) {
-      char *row = (char *)out + (b * k + c) * columns * size;
-      memcpy(row, nearest, (size_t)columns * size);
-      for (int32_t i = keyed[c].id; i > 0; i = nodes[i].parent) {
-        int a = order[nodes[i].position];
-        store(row, column[a], size, load(row, column[a], size) + weight[a] * (coord[a][nodes[i].rank] - coord[a][0]));
-      }
-    }
+    size_t row_size = (size_t)columns * size;
+    for (int64_t c = 0; c < k; c++)
+      memcpy((char *)out + (b * k + c) * row_size, listing.rows + keyed[c].id * row_size, row_size);
   }
   status = 0;
 done:
   free(order), free(axes), free(width), free(excess), free(coord), free(keyed), free(cheapest);
-  free(nodes), free(nearest), free(sums), free(coord_block), free(excess_block);
+  free(listing.nodes), free(listing.rows), free(nearest), free(sums), free(coord_block), free(excess_block);
   return status;
 }
