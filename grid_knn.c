@@ -17,7 +17,7 @@
 
 #define BINS 256
 
-typedef struct { double excess; int32_t position; } Node;  /* position: the last changed axis's */
+typedef struct { double excess; int32_t position; } Node;  /* position: the last changed axis, in `order` */
 typedef struct { double key; int32_t id; } Keyed;
 
 static int by_key(const void *a, const void *b) {
