@@ -5,6 +5,7 @@ import pytest
 from tinygrad import Tensor
 
 from model import Actor, Critic
+from tests.test_update_numpy import critic_forward
 
 S, A, H1, H2 = 3, 2, 256, 128
 
@@ -63,9 +64,8 @@ def test_factored_score_sums_every_hidden_unit(hidden2):
     critic, rng = Critic(S, A, 32, hidden2, 0.3), np.random.default_rng(2)
     states, candidates = rng.normal(size=(4, S)).astype(np.float32), rng.uniform(-1, 1, (4, 40, A)).astype(np.float32)
     p = {name: critic.view(name).numpy().astype(np.float64) for name in critic.shapes}
-    hidden = np.maximum(states @ p["fc1.weight"].T + p["fc1.bias"], 0)
-    pre = (hidden @ p["fc2.weight"][:, :32].T + p["fc2.bias"])[:, None] + candidates @ p["fc2.weight"][:, 32:].T
-    expected = np.maximum(pre, 0) @ p["fc3.weight"][0] + p["fc3.bias"][0]
+    rows = np.repeat(states, candidates.shape[1], 0), candidates.reshape(-1, A)  # each candidate with its own state
+    expected = critic_forward(p, *rows)[0].reshape(candidates.shape[:2])
     np.testing.assert_allclose(critic.score(Tensor(states), Tensor(candidates)).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert expected.std() > 1e-3  # Q differs between candidates: a lost or doubled lane would show
 
