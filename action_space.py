@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from util import write_atomically
+from util import usable_cores, write_atomically
 
 INDEX_META = "knn_index.json"  # beside the index file in a run folder: method, parameters, checksums
 KNN_METHODS = ("auto", "lattice", "flann")
@@ -224,7 +224,7 @@ class GridActionSpace(ActionSpace):
         """Exact k-NN, (B, dim) -> coordinates (B, k, dim), or rows (B, k, groups), in grid_knn.c: the k points of
         smallest sums of per-axis squared distances, found among about 1.1 k listed points per query, whatever
         the number of actions. Ties at the k-th distance are broken arbitrarily. The queries are split between
-        two threads (the compiled search releases the GIL)."""
+        one thread per core this process may use (the compiled search releases the GIL)."""
         if groups:  # column g of a point: the sum of its group's coordinates times their weights
             column = np.concatenate([np.full(g.stop - g.start, j) for j, g in enumerate(groups)]).astype(np.int32)
             weight = np.concatenate([g.weights for g in groups]).astype(np.int64)
@@ -240,9 +240,10 @@ class GridActionSpace(ActionSpace):
             return search(len(protos[rows]), self.dim, counts.ctypes.data, steps.ctypes.data, protos[rows].ctypes.data,
                           k, out.shape[2], column.ctypes.data, weight.ctypes.data, out.itemsize, out[rows].ctypes.data)
 
-        half = (len(protos) + 1) // 2
-        halves = [slice(0, half), slice(half, None)]
-        statuses = list(_search_threads().map(run, halves)) if half > 1 else [run(slice(None))]
+        parts = min(usable_cores(), len(protos))
+        bounds = np.linspace(0, len(protos), parts + 1).round().astype(int)
+        slices = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+        statuses = list(_search_threads(parts).map(run, slices)) if parts > 1 else [run(slice(None))]
         if -1 in statuses:
             raise MemoryError(f"the grid search ran out of memory (k = {k:,})")
         if any(statuses):
@@ -291,9 +292,9 @@ def _compiled_library(source: bytes, name: str) -> ctypes.CDLL:
 
 
 @lru_cache(maxsize=None)
-def _search_threads() -> ThreadPoolExecutor:
-    """The two threads between which the grid search splits a minibatch (measured: half the time of one)."""
-    return ThreadPoolExecutor(2)
+def _search_threads(count: int) -> ThreadPoolExecutor:
+    """The `count` threads between which the grid search splits a minibatch."""
+    return ThreadPoolExecutor(count)
 
 
 EMBEDDING_KNN = ("auto", "exact", "ivf", "flann")

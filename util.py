@@ -1,4 +1,5 @@
-"""Run folders, the reference-format log, the metrics CSV, reward-curve plots and checkpoint files.
+"""Run folders, the reference-format log, the metrics CSV, reward-curve plots and checkpoint files, and the number
+of cores this process may use.
 
 Every file that is rewritten (checkpoints, plots) goes to a temporary name first and is renamed into
 place, so an interrupted write never leaves a half-written file; logs are appended line by line.
@@ -17,6 +18,13 @@ from pathlib import Path
 import numpy as np
 
 METRICS_FIELDS = ("episode", "env_steps", "return", "wall_seconds", "eval_return")
+CORES_ENV = "WOLPERTINGER_CORES"  # at most this many cores for the search and the ranking (sweep.py: a trial's CPUs)
+
+
+def usable_cores() -> int:
+    """The cores this process may use (its CPU affinity), at most $WOLPERTINGER_CORES."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(cores, int(os.environ.get(CORES_ENV, cores))))
 
 
 def env_folder_name(env_id: str) -> str:

@@ -15,7 +15,6 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tinygrad.helpers import getenv
 from action_space import ROW_DTYPE, ActionSpace, GridActionSpace, PointMap
 from ddpg import DDPG, DDPGConfig, read, realized_zeros, sleep_until_idle, write
 from model import Critic
+from util import usable_cores
 
 SCORINGS = ("factored", "full")
 
@@ -51,9 +51,6 @@ def check_candidate_memory(k: int, action_dim: int, cfg: DDPGConfig) -> None:
                          f"than half the {available / 2 ** 30:.1f} GiB of memory available; choose a smaller --k")
 
 
-CORES_ENV = "WOLPERTINGER_CORES"  # at most this many cores for the ranking (sweep.py sets it to a trial's CPUs)
-
-
 def ranking_devices() -> list[str]:
     """The devices between which the update splits the ranking of its minibatch's candidates. Under tinygrad's HCQ2
     runtime (main.py turns it on) each CPU device runs its kernels in a worker thread of its own, so graphs queued on
@@ -61,9 +58,7 @@ def ranking_devices() -> list[str]:
     Without HCQ2, or on another backend, the one default device."""
     if Device.DEFAULT != "CPU" or not getenv("HCQ2"):
         return [Device.DEFAULT]
-    cores = len(os.sched_getaffinity(0))
-    cores = max(1, min(cores, int(os.environ.get(CORES_ENV, cores))))
-    return ["CPU"] + [f"CPU:{i}" for i in range(1, cores)]
+    return ["CPU"] + [f"CPU:{i}" for i in range(1, usable_cores())]
 
 
 def best_candidate(critic: Critic, scoring: str, states: Tensor, candidates: Tensor) -> Tensor:

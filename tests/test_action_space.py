@@ -134,10 +134,22 @@ def test_combinatorial_search_equals_brute_force(nvec, k):
                                             ((9, 2, 9), 162, 1), ((5, 4, 3), 60, 2)])
 def test_search_equals_brute_force_on_long_axes_and_any_batch(nvec, k, queries):
     """Axes longer than k (only the k nearest of each are ranked; wider coordinate dtypes), k = 1 and k = all,
-    and batches of one and two queries (the search splits a batch between two threads)."""
+    and batches of one and two queries (the search splits a batch between threads)."""
     space = GridActionSpace.multi_discrete(np.array(nvec), np.zeros(len(nvec), np.int64))
     protos = awkward_protos(space, np.random.default_rng(k))
     assert_exact_knn(space, protos[np.random.default_rng(queries).choice(len(protos), queries, replace=False)], k)
+
+
+@pytest.mark.parametrize("cores", [2, 3, 16])
+def test_search_splits_the_batch_between_threads_without_changing_it(monkeypatch, cores):
+    """One thread per usable core, each a contiguous part of the batch (uneven parts, more cores than queries):
+    the very ids one thread finds."""
+    space = GridActionSpace.multi_discrete(np.array((3, 1, 7, 2, 5)), np.zeros(5, np.int64))
+    protos = awkward_protos(space, np.random.default_rng(cores))[:11]
+    monkeypatch.setattr(action_space, "usable_cores", lambda: 1)
+    alone = space.search(protos, 29)
+    monkeypatch.setattr(action_space, "usable_cores", lambda: cores)
+    np.testing.assert_array_equal(space.search(protos, 29), alone)
 
 
 @pytest.mark.parametrize("nvec,knn", [((2,) * 20, "lattice"), ((3, 5, 7, 2, 2, 2, 4), "lattice"), ((2,) * 9, "flann")])

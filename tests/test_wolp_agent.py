@@ -9,6 +9,7 @@ from action_space import EmbeddingActionSpace, GridActionSpace
 from ddpg import DDPGConfig, read, write
 from memory import ReplayMemory
 from tests.test_action_space import every_id, flat
+import util
 import wolp_agent
 from wolp_agent import WolpertingerAgent
 
@@ -100,11 +101,11 @@ def test_target_actions_equal_per_state_brute_force(case):
 @pytest.mark.skipif(Device.DEFAULT != "CPU" or not getenv("HCQ2"), reason="CPU devices side by side need HCQ2")
 def test_ranking_devices_stop_at_the_cores_allowed(monkeypatch):
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setenv(wolp_agent.CORES_ENV, "1")
+    monkeypatch.setenv(util.CORES_ENV, "1")
     assert wolp_agent.ranking_devices() == ["CPU"]
-    monkeypatch.setenv(wolp_agent.CORES_ENV, "64")
+    monkeypatch.setenv(util.CORES_ENV, "64")
     assert wolp_agent.ranking_devices() == ["CPU"] + [f"CPU:{i}" for i in range(1, cores)]
-    monkeypatch.delenv(wolp_agent.CORES_ENV)
+    monkeypatch.delenv(util.CORES_ENV)
     assert len(wolp_agent.ranking_devices()) == cores
 
 
