@@ -477,6 +477,7 @@ def build(args: argparse.Namespace) -> Setup:
     from tinygrad.helpers import DEV
 
     from ddpg import DDPGConfig
+    from util import usable_cores
     from wolp_agent import WolpertingerAgent
 
     if args.device:
@@ -513,9 +514,10 @@ def build(args: argparse.Namespace) -> Setup:
                      batch_size=args.bsize, ou_theta=args.ou_theta, ou_sigma=args.ou_sigma, ou_mu=args.ou_mu,
                      epsilon=args.epsilon, choice_pull=args.choice_pull, c_lr_end=args.c_lr_end)
     try:
+        usable_cores()  # a bad $WOLPERTINGER_CORES fails here, in one line, not in the first search
         agent = WolpertingerAgent(int(np.prod(env.observation_space.shape)), space, k, cfg, rng, scoring=args.scoring,
                                   random_candidate=args.random_candidate)
-    except ValueError as e:  # an impossible k or probability
+    except ValueError as e:  # an impossible k or probability, or a bad $WOLPERTINGER_CORES
         raise UsageError(str(e)) from None
     if args.mode == "test" or args.load:
         try:

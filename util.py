@@ -22,9 +22,12 @@ CORES_ENV = "WOLPERTINGER_CORES"  # at most this many cores for the search and t
 
 
 def usable_cores() -> int:
-    """The cores this process may use (its CPU affinity), at most $WOLPERTINGER_CORES."""
-    cores = len(os.sched_getaffinity(0))
-    return max(1, min(cores, int(os.environ.get(CORES_ENV, cores))))
+    """The cores this process may use (its CPU affinity, where the OS reports one), at most $WOLPERTINGER_CORES."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = os.environ.get(CORES_ENV, "").strip()
+    if limit and not limit.isdigit():
+        raise ValueError(f"${CORES_ENV} must be a whole number of cores, not {limit!r}")
+    return max(1, min(cores, int(limit or cores)))
 
 
 def env_folder_name(env_id: str) -> str:

@@ -195,6 +195,16 @@ def test_default_k_is_capped_with_a_notice(capsys):
         assert "capped" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cores", ["two", "-1", "1.5"])
+def test_a_bad_core_limit_is_one_line(monkeypatch, capsys, tmp_path, cores):
+    import main
+    monkeypatch.setenv("WOLPERTINGER_CORES", cores)
+    assert main.main(["--env", "Configurator-v0", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: $WOLPERTINGER_CORES must be") and repr(cores) in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_best_evaluation_keeps_its_weights(cartpole):
     _, run_dir = cartpole
     first, last = [float(r["eval_return"]) for r in metrics(run_dir) if r["eval_return"]]

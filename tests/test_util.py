@@ -1,7 +1,10 @@
-"""Run-folder files: the metrics kept in memory match the CSV; long runs plot at a bounded cost."""
+"""Run-folder files: the metrics kept in memory match the CSV; long runs plot at a bounded cost; the cores a
+process may use."""
+import os
+
 import numpy as np
 
-from util import RunLog, plot_runs, read_metrics
+from util import CORES_ENV, RunLog, plot_runs, read_metrics, usable_cores
 
 
 def test_metrics_in_memory_equal_the_csv(tmp_path):
@@ -36,3 +39,15 @@ def test_a_run_without_episodes_still_plots(tmp_path):
     plot_runs([("run", log.metrics())], tmp_path / "curve.png", "stopped before its first episode")
     log.close()
     assert (tmp_path / "curve.png").is_file()
+
+
+def test_usable_cores_follow_the_affinity_and_the_limit(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delenv(CORES_ENV, raising=False)
+    assert usable_cores() == 3
+    for limit, cores in (("2", 2), ("64", 3), ("0", 1), (" 1 ", 1)):
+        monkeypatch.setenv(CORES_ENV, limit)
+        assert usable_cores() == cores
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has none: all the machine's cores
+    monkeypatch.delenv(CORES_ENV)
+    assert usable_cores() == (os.cpu_count() or 1)
