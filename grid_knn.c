@@ -104,7 +104,7 @@ static void store(void *row, int i, int size, int64_t v) {
 }
 
 /* Copies a row of `size` bytes; rows of up to 8 bytes by copies of a fixed size, which compile to a few moves
-   (measured: the search took a fifth less time than with one memcpy of a variable size). */
+   (measured: 6 to 15% off the whole search, against one memcpy of a size known only at run time). */
 static void copy_row(char *to, const char *from, size_t size) {
   switch (size) {
     case 1: memcpy(to, from, 1); break;
