@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from util import CORES_ENV
+
 PROJECT = Path(__file__).resolve().parent
 OWN_FLAGS = ("--env", "--seed", "--max-episode", "--mode", "--output", "--load", "--load-model-dir")  # set per trial
 SETTINGS = "sweep.json"  # the sweep's arguments, read back by --resume
@@ -109,7 +111,7 @@ def run_main(argv: list[str], folder: Path, cpus: float) -> Path:
     import signal
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.glob("*-run*"))
-    env = {**os.environ, "HCQ2": "1" if cpus >= 2 else "0", "WOLPERTINGER_CORES": str(max(1, int(cpus)))}
+    env = {**os.environ, "HCQ2": "1" if cpus >= 2 else "0", CORES_ENV: str(max(1, int(cpus)))}
     die_with_parent = lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
     with open(folder / "main.out", "a") as out:
         result = subprocess.run([sys.executable, str(PROJECT / "main.py"), *argv, "--output", str(folder)],
