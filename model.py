@@ -9,9 +9,12 @@ import copy
 import math
 
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.renderer.cstyle import ClangRenderer
+from tinygrad.uop.ops import KernelInfo, Ops, UOp
 
 LANES = 16  # partial sums per candidate in the critic's scoring of candidates (see Critic._candidate_output)
+VECTOR = 16  # floats per vector in the C kernel of the candidates' arg-max (see _best_candidate_kernel)
 
 
 class FlatParams:
@@ -154,13 +157,38 @@ class Critic(FlatParams):
         consecutive blocks of the action's dimensions: fc2's action part is computed once per table row, then each
         candidate adds G of those (hidden2,) rows instead of multiplying action_dim columns."""
         p = self.views()
-        action_weight, start = self._action_weight(p), 0
         pre = self._state_part(states, p).unsqueeze(1)
-        for g, points in enumerate(tables):
-            width = points.shape[1]
-            pre = pre + (points @ action_weight[start:start + width]).contiguous()[rows[:, :, g]]
-            start += width
+        for g, table in enumerate(self._tables(tables, p)):
+            pre = pre + table[rows[:, :, g]]
         return self._candidate_output(pre, p)
+
+    def best_of(self, states: Tensor, candidates: Tensor) -> Tensor:
+        """Position (B,) of the candidate of highest Q for each state: states (B, S), candidates (B, K, A). On a CPU
+        device that compiles C, one kernel (`_best_candidate_kernel`); elsewhere `score`'s arg-max."""
+        if not self._has_candidate_kernel(states.device):
+            return self.score(states, candidates).argmax(1)
+        p = self.views()
+        return _best_candidate_kernel(self._state_part(states, p), p["fc3.weight"][0], candidates,
+                                      [self._action_weight(p)], tabulated=False)
+
+    def best_of_tabulated(self, states: Tensor, rows: Tensor, tables: list[Tensor]) -> Tensor:
+        """`best_of` for candidates given as rows (B, K, G) of G tables of points (see `score_tabulated`)."""
+        if not self._has_candidate_kernel(states.device):
+            return self.score_tabulated(states, rows.cast(dtypes.int32), tables).argmax(1)
+        p = self.views()
+        return _best_candidate_kernel(self._state_part(states, p), p["fc3.weight"][0], rows, self._tables(tables, p),
+                                      tabulated=True)
+
+    def _has_candidate_kernel(self, device: str) -> bool:
+        return self.dims[3] % VECTOR == 0 and isinstance(Device[device].renderer, ClangRenderer)
+
+    def _tables(self, tables: list[Tensor], p: dict[str, Tensor]) -> list[Tensor]:
+        """fc2's action part of every row of each group's table: (rows_g, hidden2) per table."""
+        action_weight, start, out = self._action_weight(p), 0, []
+        for points in tables:
+            out.append((points @ action_weight[start:start + points.shape[1]]).contiguous())
+            start += points.shape[1]
+        return out
 
     def _candidate_output(self, pre: Tensor, p: dict[str, Tensor]) -> Tensor:
         """fc3 over relu(pre) for pre-activations (B, K, hidden2) of candidates: (B, K).
@@ -192,3 +220,67 @@ class Critic(FlatParams):
         w_action = self._action_weight(p)[0]
         safe = (w_action == 0).where(1.0, w_action)
         return (w_action == 0).where(float("inf"), -self._state_part(states, p) / safe)
+
+
+# The candidates' arg-max as one C kernel. tinygrad's CPU code generator folds loads and arithmetic into vectors of
+# at most 4 floats and sums the hidden units through partial sums written to memory (Critic._candidate_output);
+# this loop keeps each candidate's pre-activations in vectors of 16 floats, sums them in registers, and keeps only
+# the best candidate of each state. Each term adds to a unit block `m` of the pre-activation: a table's row picked by
+# the candidate's entry (tabulated), or a weight row times the candidate's coordinate (points). "x > 0" gives a
+# mask of all ones where true, so the relu is one "and".
+_KERNEL_SOURCE = """{{
+  typedef float v16 __attribute__((vector_size(64), aligned(4)));
+  typedef int m16 __attribute__((vector_size(64), aligned(4)));
+  const v16 *state = (const v16 *)({1}), *w_out = (const v16 *)({2});
+  const %(entry)s *candidate = {3};
+  int best = 0;
+  float best_q = -__builtin_inff();
+  for (int c = 0; c < %(k)d; c++, candidate += %(width)d) {{
+    %(rows)s
+    v16 acc = {{0}};
+    for (int m = 0; m < %(blocks)d; m++) {{
+      v16 x = state[m];
+      %(terms)s
+      acc += (v16)((m16)x & (x > 0)) * w_out[m];
+    }}
+    float q = 0;
+    for (int l = 0; l < 16; l++) q += acc[l];
+    if (q > best_q) {{ best_q = q; best = c; }}
+  }}
+  *{0} = best;
+}}"""
+_C_ENTRY = {dtypes.uint8: "unsigned char", dtypes.int32: "int", dtypes.float32: "float"}
+
+
+def _best_candidate_kernel(state_part: Tensor, w_out: Tensor, candidates: Tensor, terms: list[Tensor],
+                           tabulated: bool) -> Tensor:
+    """Position (B,) of the candidate of largest w_out . relu(pre) per state, pre = state_part[b] + the candidate's
+    terms. Tabulated, the candidates (B, K, G) are rows, each within its table, of G tables (rows_g, hidden2), and
+    pre adds one row of each; otherwise they are points (B, K, A) and pre adds the points times the one term, fc2's
+    action part (A, hidden2). Ties go to the first candidate, as in argmax; fc3's bias is left out (it moves every
+    candidate alike)."""
+    batch, k, width = candidates.shape
+    hidden = state_part.shape[1]
+    if candidates.dtype not in _C_ENTRY:  # rows of another integer type
+        candidates = candidates.cast(dtypes.int32)
+    blocks = hidden // VECTOR
+    if tabulated:  # a pointer to the candidate's row of each table, read in blocks
+        rows = "const v16 " + ", ".join(f"*row{g} = (const v16 *)({{{4 + g}}} + candidate[{g}] * {hidden})"
+                                        for g in range(width)) + ";"
+        terms_c = " ".join(f"x += row{g}[m];" for g in range(width))
+    else:  # the action part: each coordinate times its row of fc2's action weight
+        rows = "const v16 *weight = (const v16 *)({4});"
+        terms_c = f"for (int i = 0; i < {width}; i++) x += candidate[i] * weight[i * {blocks} + m];"
+    source = _KERNEL_SOURCE % {"entry": _C_ENTRY[candidates.dtype], "k": k, "width": width, "rows": rows,
+                               "blocks": blocks, "terms": terms_c}
+
+    def kernel(best: UOp, state: UOp, weight_out: UOp, entries: UOp, *term_buffers: UOp) -> UOp:
+        b = UOp.range(batch, 0)
+        srcs = (best.index(b), state.index(b * hidden), weight_out.index(0), entries.index(b * (k * width)),
+                *[t.index(0) for t in term_buffers])
+        info = KernelInfo(name="best_candidate", opts_to_apply=())
+        return UOp(Ops.CUSTOM, src=srcs, arg=source).end(b).sink(arg=info)
+
+    best = Tensor.empty(batch, dtype=dtypes.int32, device=state_part.device)
+    flat = [t.contiguous().reshape(-1) for t in (state_part, w_out, candidates, *terms)]
+    return best.custom_kernel(*flat, fxn=kernel)[0]

@@ -83,9 +83,11 @@ class CandidateRanker:
 
     def best(self, states: Tensor, candidates: Tensor) -> Tensor:
         """Position (B,) of the best candidate of each state."""
-        if self.tables is None or candidates.shape[1] == 1:
+        if candidates.shape[1] == 1 or self.scoring != "factored":
             return best_candidate(self.critic, self.scoring, states, self.points(candidates))
-        return self.critic.score_tabulated(states, candidates.cast(dtypes.int32), self.tables).argmax(1)
+        if self.tables is None:
+            return self.critic.best_of(states, self.points(candidates))
+        return self.critic.best_of_tabulated(states, candidates, self.tables)
 
     def best_points(self, states: Tensor, candidates: Tensor) -> Tensor:
         """The point (B, A) of the best candidate of each state."""

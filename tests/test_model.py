@@ -84,6 +84,46 @@ def test_tabulated_score_equals_the_score_of_the_points():
     assert tabulated.std() > 1e-3  # Q differs between candidates: a mixed-up row would show
 
 
+def _q_numpy(critic: Critic, states: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Q (B, K) of each candidate point (B, K, A) with its own state, recomputed in float64 from the weights."""
+    p = {name: critic.view(name).numpy().astype(np.float64) for name in critic.shapes}
+    hidden = np.maximum(states @ p["fc1.weight"].T + p["fc1.bias"], 0)
+    inputs = np.concatenate([np.repeat(hidden[:, None], points.shape[1], 1), points], axis=-1)
+    return np.maximum(inputs @ p["fc2.weight"].T + p["fc2.bias"], 0) @ p["fc3.weight"][0] + p["fc3.bias"][0]
+
+
+@pytest.mark.parametrize("hidden2", [32, 20])
+def test_best_of_is_the_arg_max_of_q_per_state(hidden2):
+    """`best_of` (a C kernel on the CPU where hidden2 is a multiple of its vector; `score`'s arg-max otherwise)
+    against the arg-max of Q recomputed in numpy, each candidate with its own state; a tie goes to the first."""
+    Tensor.manual_seed(3)
+    critic, rng = Critic(S, A, 32, hidden2, 0.3), np.random.default_rng(3)
+    assert critic._has_candidate_kernel("CPU") == (hidden2 == 32)
+    states, points = rng.normal(size=(6, S)).astype(np.float32), rng.uniform(-1, 1, (6, 120, A)).astype(np.float32)
+    q = _q_numpy(critic, states, points)
+    assert (np.diff(np.sort(q, 1)[:, -2:], axis=1) > 1e-5).all()  # a clear best, beyond float32's rounding
+    points[:, -1] = points[np.arange(6), q.argmax(1)]  # the best again, last: the first must win
+    best = critic.best_of(Tensor(states), Tensor(points)).numpy()
+    np.testing.assert_array_equal(best, q.argmax(1))
+    assert len(set(best)) > 3  # states disagree: a state scored with another's pre-activation would show
+
+
+def test_best_of_tabulated_is_the_arg_max_of_q_per_state():
+    """`best_of_tabulated` with rows of uint8 (as the search writes them) into tables of 256, 256 and 16 rows of 8,
+    8 and 4 dimensions (MultiBinary(20)'s groups): the arg-max of Q of the points the rows name, in numpy."""
+    Tensor.manual_seed(4)
+    critic, rng = Critic(S, 20, 32, 32, 0.3), np.random.default_rng(4)
+    tables = [rng.uniform(-1, 1, (n, w)).astype(np.float32) for n, w in ((256, 8), (256, 8), (16, 4))]
+    rows = np.stack([rng.integers(0, len(t), (5, 400)) for t in tables], axis=-1).astype(np.uint8)
+    points = np.concatenate([t[rows[..., g]] for g, t in enumerate(tables)], axis=-1)
+    states = rng.normal(size=(5, S)).astype(np.float32)
+    q = _q_numpy(critic, states, points)
+    assert (np.diff(np.sort(q, 1)[:, -2:], axis=1) > 1e-5).all()
+    best = critic.best_of_tabulated(Tensor(states), Tensor(rows), [Tensor(t) for t in tables]).numpy()
+    np.testing.assert_array_equal(best, q.argmax(1))
+    assert len(set(best)) > 2
+
+
 def test_q_is_linear_between_kinks():
     Tensor.manual_seed(1)
     critic = Critic(S, 1, 32, 16)
