@@ -225,21 +225,24 @@ class Critic(FlatParams):
 # The candidates' arg-max as one C kernel. tinygrad's CPU code generator folds loads and arithmetic into vectors of
 # at most 4 floats and sums the hidden units through partial sums written to memory (Critic._candidate_output);
 # this loop keeps each candidate's pre-activations in vectors of 16 floats, sums them in registers, and keeps only
-# the best candidate of each state. Each term adds to a unit block `m` of the pre-activation: a table's row picked by
-# the candidate's entry (tabulated), or a weight row times the candidate's coordinate (points). "x > 0" gives a
+# the best candidate of each state. The pre-activation of unit block `m` starts at `start` and adds the `terms`: for
+# points, the state part plus each coordinate times its row of fc2's action weight; for table rows, the first
+# table's row (the state part added to a copy of that table once per state, so one addition less per candidate:
+# 32 states of MultiBinary(20), 4.7-4.9 -> 4.4 ms) plus one row of each other table. "x > 0" gives a
 # mask of all ones where true, so the relu is one "and".
 _KERNEL_SOURCE = """{{
   typedef float v16 __attribute__((vector_size(64), aligned(4)));
   typedef int m16 __attribute__((vector_size(64), aligned(4)));
   const v16 *state = (const v16 *)({1}), *w_out = (const v16 *)({2});
   const %(entry)s *candidate = {3};
+  %(prologue)s
   int best = 0;
   float best_q = -__builtin_inff();
   for (int c = 0; c < %(k)d; c++, candidate += %(width)d) {{
     %(rows)s
     v16 acc = {{0}};
     for (int m = 0; m < %(blocks)d; m++) {{
-      v16 x = state[m];
+      v16 x = %(start)s;
       %(terms)s
       acc += (v16)((m16)x & (x > 0)) * w_out[m];
     }}
@@ -264,23 +267,27 @@ def _best_candidate_kernel(state_part: Tensor, w_out: Tensor, candidates: Tensor
     if candidates.dtype not in _C_ENTRY:  # rows of another integer type
         candidates = candidates.cast(dtypes.int32)
     blocks = hidden // VECTOR
-    if tabulated:  # a pointer to the candidate's row of each table, read in blocks
-        rows = "const v16 " + ", ".join(f"*row{g} = (const v16 *)({{{4 + g}}} + candidate[{g}] * {hidden})"
-                                        for g in range(width)) + ";"
-        terms_c = " ".join(f"x += row{g}[m];" for g in range(width))
-    else:  # the action part: each coordinate times its row of fc2's action weight
-        rows = "const v16 *weight = (const v16 *)({4});"
-        terms_c = f"for (int i = 0; i < {width}; i++) x += candidate[i] * weight[i * {blocks} + m];"
-    source = _KERNEL_SOURCE % {"entry": _C_ENTRY[candidates.dtype], "k": k, "width": width, "rows": rows,
-                               "blocks": blocks, "terms": terms_c}
+    if tabulated:  # a pointer to the candidate's row of each table, the first table's copy in a scratch buffer
+        rows0 = terms[0].shape[0]
+        scratch = [Tensor.empty(rows0 * hidden, device=state_part.device)]
+        code = {"prologue": f"v16 *first = (v16 *)({{{4 + width}}}); const v16 *table0 = (const v16 *)({{4}});\n"
+                            f"  for (int i = 0; i < {rows0 * blocks}; i++) first[i] = state[i % {blocks}] + table0[i];",
+                "rows": f"const v16 *row0 = first + candidate[0] * {blocks}" + "".join(f", *row{g} = (const v16 *)"
+                        f"({{{4 + g}}}) + candidate[{g}] * {blocks}" for g in range(1, width)) + ";",
+                "start": "row0[m]", "terms": " ".join(f"x += row{g}[m];" for g in range(1, width))}
+    else:  # each coordinate times its row of fc2's action weight
+        scratch = []
+        code = {"prologue": "", "rows": "const v16 *weight = (const v16 *)({4});", "start": "state[m]",
+                "terms": f"for (int i = 0; i < {width}; i++) x += candidate[i] * weight[i * {blocks} + m];"}
+    source = _KERNEL_SOURCE % {"entry": _C_ENTRY[candidates.dtype], "k": k, "width": width, "blocks": blocks, **code}
 
-    def kernel(best: UOp, state: UOp, weight_out: UOp, entries: UOp, *term_buffers: UOp) -> UOp:
+    def kernel(best: UOp, state: UOp, weight_out: UOp, entries: UOp, *buffers: UOp) -> UOp:
         b = UOp.range(batch, 0)
         srcs = (best.index(b), state.index(b * hidden), weight_out.index(0), entries.index(b * (k * width)),
-                *[t.index(0) for t in term_buffers])
+                *[t.index(0) for t in buffers])
         info = KernelInfo(name="best_candidate", opts_to_apply=())
         return UOp(Ops.CUSTOM, src=srcs, arg=source).end(b).sink(arg=info)
 
     best = Tensor.empty(batch, dtype=dtypes.int32, device=state_part.device)
     flat = [t.contiguous().reshape(-1) for t in (state_part, w_out, candidates, *terms)]
-    return best.custom_kernel(*flat, fxn=kernel)[0]
+    return best.custom_kernel(*flat, *scratch, fxn=kernel)[0]
