@@ -10,8 +10,9 @@ Two ways to reach the k candidates, both exact and both scoring every candidate 
   and become points in the graphs; where its axes fall into a few groups of few combinations (MultiBinary:
   8 axes, 256 combinations per group), the critic's action part is tabulated per group, the search writes
   each candidate as its row in each group's table, and each candidate adds one row per group instead of
-  multiplying every action column. The update's ranking of its minibatch's candidates, its heaviest part, is
-  split between the CPU's cores (see `ranking_devices`).
+  multiplying every action column. On the CPU one C kernel scores a state's candidates and keeps the best
+  (`Critic.best_of`, `Critic.best_of_tabulated`). The update's ranking of its minibatch's candidates, its
+  heaviest part, is split between the CPU's cores (see `ranking_devices`).
 """
 from __future__ import annotations
 
