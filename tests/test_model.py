@@ -108,13 +108,15 @@ def test_best_of_is_the_arg_max_of_q_per_state(hidden2):
     assert len(set(best)) > 3  # states disagree: a state scored with another's pre-activation would show
 
 
-def test_best_of_tabulated_is_the_arg_max_of_q_per_state():
-    """`best_of_tabulated` with rows of uint8 (as the search writes them) into tables of 256, 256 and 16 rows of 8,
-    8 and 4 dimensions (MultiBinary(20)'s groups): the arg-max of Q of the points the rows name, in numpy."""
+@pytest.mark.parametrize("row_dtype", [np.uint8, np.int16])
+def test_best_of_tabulated_is_the_arg_max_of_q_per_state(row_dtype):
+    """`best_of_tabulated` with rows of uint8 (as the search writes them; int16, cast on the way in) into tables of
+    256, 256 and 16 rows of 8, 8 and 4 dimensions (MultiBinary(20)'s groups): the arg-max of Q of the points the
+    rows name, in numpy."""
     Tensor.manual_seed(4)
     critic, rng = Critic(S, 20, 32, 32, 0.3), np.random.default_rng(4)
     tables = [rng.uniform(-1, 1, (n, w)).astype(np.float32) for n, w in ((256, 8), (256, 8), (16, 4))]
-    rows = np.stack([rng.integers(0, len(t), (5, 400)) for t in tables], axis=-1).astype(np.uint8)
+    rows = np.stack([rng.integers(0, len(t), (5, 400)) for t in tables], axis=-1).astype(row_dtype)
     points = np.concatenate([t[rows[..., g]] for g, t in enumerate(tables)], axis=-1)
     states = rng.normal(size=(5, S)).astype(np.float32)
     q = _q_numpy(critic, states, points)
