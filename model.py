@@ -14,7 +14,7 @@ from tinygrad.renderer.cstyle import ClangRenderer
 from tinygrad.uop.ops import KernelInfo, Ops, UOp
 
 LANES = 16  # partial sums per candidate in the critic's scoring of candidates (see Critic._candidate_output)
-VECTOR = 16  # floats per vector in the C kernel of the candidates' arg-max (see _best_candidate_kernel)
+VECTOR = 16  # floats per vector in the C kernel of the candidates' arg-max (hidden2 padded to a multiple)
 
 
 class FlatParams:
@@ -180,7 +180,7 @@ class Critic(FlatParams):
                                       tabulated=True)
 
     def _has_candidate_kernel(self, device: str) -> bool:
-        return self.dims[3] % VECTOR == 0 and isinstance(Device[device].renderer, ClangRenderer)
+        return isinstance(Device[device].renderer, ClangRenderer)
 
     def _tables(self, tables: list[Tensor], p: dict[str, Tensor]) -> list[Tensor]:
         """fc2's action part of every row of each group's table: (rows_g, hidden2) per table."""
@@ -263,9 +263,12 @@ def _best_candidate_kernel(state_part: Tensor, w_out: Tensor, candidates: Tensor
     action part (A, hidden2). Ties go to the first candidate, as in argmax; fc3's bias is left out (it moves every
     candidate alike)."""
     batch, k, width = candidates.shape
-    hidden = state_part.shape[1]
     if candidates.dtype not in _C_ENTRY:  # rows of another integer type
         candidates = candidates.cast(dtypes.int32)
+    if pad := -state_part.shape[1] % VECTOR:  # units of zero pre-activation and weight add nothing
+        state_part, w_out = state_part.pad(((0, 0), (0, pad))), w_out.pad(((0, pad),))
+        terms = [t.pad(((0, 0), (0, pad))) for t in terms]
+    hidden = state_part.shape[1]
     blocks = hidden // VECTOR
     if tabulated:  # a pointer to the candidate's row of each table, the first table's copy in a scratch buffer
         rows0 = terms[0].shape[0]

@@ -92,13 +92,16 @@ def _q_numpy(critic: Critic, states: np.ndarray, points: np.ndarray) -> np.ndarr
     return np.maximum(inputs @ p["fc2.weight"].T + p["fc2.bias"], 0) @ p["fc3.weight"][0] + p["fc3.bias"][0]
 
 
-@pytest.mark.parametrize("hidden2", [32, 20])
-def test_best_of_is_the_arg_max_of_q_per_state(hidden2):
-    """`best_of` (a C kernel on the CPU where hidden2 is a multiple of its vector; `score`'s arg-max otherwise)
-    against the arg-max of Q recomputed in numpy, each candidate with its own state; a tie goes to the first."""
+@pytest.mark.parametrize("hidden2, kernel", [(32, True), (20, True), (32, False)])
+def test_best_of_is_the_arg_max_of_q_per_state(hidden2, kernel, monkeypatch):
+    """`best_of` (the C kernel on the CPU, hidden2 padded to a multiple of its vector; without it, as on other
+    devices, `score`'s arg-max) against the arg-max of Q recomputed in numpy, each candidate with its own state; a
+    tie goes to the first."""
     Tensor.manual_seed(3)
     critic, rng = Critic(S, A, 32, hidden2, 0.3), np.random.default_rng(3)
-    assert critic._has_candidate_kernel("CPU") == (hidden2 == 32)
+    assert critic._has_candidate_kernel("CPU")
+    if not kernel:
+        monkeypatch.setattr(Critic, "_has_candidate_kernel", lambda self, device: False)
     states, points = rng.normal(size=(6, S)).astype(np.float32), rng.uniform(-1, 1, (6, 120, A)).astype(np.float32)
     q = _q_numpy(critic, states, points)
     assert (np.diff(np.sort(q, 1)[:, -2:], axis=1) > 1e-5).all()  # a clear best, beyond float32's rounding
@@ -108,13 +111,13 @@ def test_best_of_is_the_arg_max_of_q_per_state(hidden2):
     assert len(set(best)) > 3  # states disagree: a state scored with another's pre-activation would show
 
 
-@pytest.mark.parametrize("row_dtype", [np.uint8, np.int16])
-def test_best_of_tabulated_is_the_arg_max_of_q_per_state(row_dtype):
+@pytest.mark.parametrize("row_dtype, hidden2", [(np.uint8, 32), (np.int16, 32), (np.uint8, 24)])
+def test_best_of_tabulated_is_the_arg_max_of_q_per_state(row_dtype, hidden2):
     """`best_of_tabulated` with rows of uint8 (as the search writes them; int16, cast on the way in) into tables of
-    256, 256 and 16 rows of 8, 8 and 4 dimensions (MultiBinary(20)'s groups): the arg-max of Q of the points the
-    rows name, in numpy."""
+    256, 256 and 16 rows of 8, 8 and 4 dimensions (MultiBinary(20)'s groups), hidden2 a multiple of the kernel's
+    vector or padded to one: the arg-max of Q of the points the rows name, in numpy."""
     Tensor.manual_seed(4)
-    critic, rng = Critic(S, 20, 32, 32, 0.3), np.random.default_rng(4)
+    critic, rng = Critic(S, 20, 32, hidden2, 0.3), np.random.default_rng(4)
     tables = [rng.uniform(-1, 1, (n, w)).astype(np.float32) for n, w in ((256, 8), (256, 8), (16, 4))]
     rows = np.stack([rng.integers(0, len(t), (5, 400)) for t in tables], axis=-1).astype(row_dtype)
     points = np.concatenate([t[rows[..., g]] for g, t in enumerate(tables)], axis=-1)
