@@ -552,3 +552,29 @@ def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray, block: int = 65
     sq = (centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
     return np.concatenate([np.argmin(sq[None] - 2 * vectors[lo:lo + block] @ centroids.T, 1)
                            for lo in range(0, len(vectors), block)])
+
+
+def action_set(space, embeddings: np.ndarray | None = None, max_actions: int = 200000, knn: str = "auto",
+               flann_checks: int = 0, ivf_probes: int = 32) -> ActionSpace:
+    """The action set for a gymnasium action space: its actions' embeddings (N x d) over a Discrete space's N
+    actions, else a grid (a Box discretised into about `max_actions` points). ValueError for a space it cannot
+    take."""
+    import gymnasium as gym
+
+    if embeddings is not None:
+        if not isinstance(space, gym.spaces.Discrete):
+            raise ValueError(f"action embeddings need a Discrete action space, not {type(space).__name__}")
+        embedded = EmbeddingActionSpace(embeddings, int(space.start), knn, flann_checks, ivf_probes)
+        if embedded.n != space.n:
+            raise ValueError(f"{embedded.n} action embeddings for {space.n} actions")
+        return embedded
+    if isinstance(space, gym.spaces.Box):
+        return GridActionSpace.continuous(space.low, space.high, max_actions, knn=knn)
+    if isinstance(space, gym.spaces.Discrete):
+        return GridActionSpace.discrete(int(space.n), int(space.start), knn=knn)
+    if isinstance(space, gym.spaces.MultiBinary):
+        return GridActionSpace.multi_discrete(np.full(space.shape, 2), np.zeros(space.shape, space.dtype), knn=knn)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return GridActionSpace.multi_discrete(space.nvec, space.start, knn=knn)
+    raise ValueError(f"a {type(space).__name__} action space is not supported; supported: Box, Discrete, "
+                     "MultiBinary and MultiDiscrete")

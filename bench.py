@@ -13,7 +13,7 @@
     python bench.py profile "MultiBinary(20)" --steps 30   # where a step's time goes (cProfile)
 
 Speed, in steady state:
-Each configuration trains through the same loop as main.py (main.run_episode, default replay memory).
+Each configuration trains through the same loop as main.py (Wolpertinger's episodes, default replay memory).
 The fast path (the default code path) is timed twice: early, right after warm-up and compilation, and
 in steady state, after at least --updates (20,000) real training updates, so that a cost that grows
 over a run (subnormal floats in the weights made Intel CPUs 5x slower after a few thousand updates)
@@ -35,12 +35,14 @@ import time
 from pathlib import Path
 
 # main first: it sets runtime options that numpy reads on import
-from main import Setup, build, given_flags, parse_args, run_episode, trained_args
+from main import build, given_flags, parse_args
 
 import numpy as np  # noqa: E402
 
-from ddpg import FLUSH_BELOW, read, write  # noqa: E402
+from ddpg import FLUSH_BELOW  # noqa: E402
 from memory import ReplayMemory
+from runtime import read, write
+from wolpertinger import Wolpertinger
 from util import env_folder_name, moving_average, plot_seed_band, read_metrics
 
 CONFIGS = {
@@ -81,30 +83,31 @@ def peak_memory_mb() -> float:
     return float("nan")
 
 
-def play(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> int:
-    """Train for `steps` env steps (episodes cut where the budget ends); returns the total step count."""
-    target = step + steps
-    while step < target:
-        _, step = run_episode(setup, setup.env, True, target - step, None, memory, warmup, step)
-    return step
+def play(setup: Wolpertinger, steps: int) -> int:
+    """Train for `steps` env steps through the training loop's episodes (cut where the budget ends), with its
+    replay memory; returns the total step count."""
+    setup.learn_setup()
+    target = setup.env_steps + steps
+    while setup.env_steps < target:
+        setup.play_episode(max_steps=target - setup.env_steps)
+    return setup.env_steps
 
 
-def fresh_run(argv: list[str], steps: int) -> tuple[argparse.Namespace, Setup, ReplayMemory, int]:
+def fresh_run(argv: list[str], steps: int) -> tuple[argparse.Namespace, Wolpertinger, int]:
     """An agent of these main.py flags (seed 1) trained through its warm-up and `steps` more env steps, whose
-    first updates compile the graphs; returns its flags, setup, replay memory and step count."""
+    first updates compile the graphs; returns its flags, the agent and its step count."""
     args = parse_args(argv + ["--seed", "1"])
     setup = build(args)
-    memory = ReplayMemory(args.rmsize, setup.agent.state_dim, setup.agent.action_dim)
-    return args, setup, memory, play(setup, memory, args.warmup, args.warmup + steps, 0)
+    return args, setup, play(setup, args.warmup + steps)
 
 
-def timed(setup, memory: ReplayMemory, warmup: int, steps: int, step: int) -> tuple[dict, int]:
+def timed(setup: Wolpertinger, steps: int) -> dict:
     """Milliseconds per env step (update included) and peak resident memory over `steps` more steps."""
     reset_peak_memory()
     start = time.perf_counter()
-    step = play(setup, memory, warmup, steps, step)
+    play(setup, steps)
     ms = 1e3 * (time.perf_counter() - start) / steps
-    return {"ms_per_step": ms, "steps_per_second": 1e3 / ms, "peak_rss_mb": peak_memory_mb(), "steps_timed": steps}, step
+    return {"ms_per_step": ms, "steps_per_second": 1e3 / ms, "peak_rss_mb": peak_memory_mb(), "steps_timed": steps}
 
 
 def count_subnormals(arrays) -> int:
@@ -117,10 +120,11 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
     """Fast path early and after `updates` updates; plain path early and on the fast agent's trained state."""
     from tinygrad.helpers import Context
     with Context(BEAM=0):  # restores the search width that a --beam in argv sets
-        args, setup, memory, step = fresh_run(argv, 3)
-        fast_early, step = timed(setup, memory, args.warmup, early_steps, step)
-        step = play(setup, memory, args.warmup, max(0, args.warmup + updates - step), step)
-        fast_steady, step = timed(setup, memory, args.warmup, steady_steps, step)
+        args, setup, step = fresh_run(argv, 3)
+        fast_early = timed(setup, early_steps)
+        play(setup, max(0, args.warmup + updates - setup.env_steps))
+        fast_steady = timed(setup, steady_steps)
+        step, memory = setup.env_steps, setup.memory
         row = {"k": setup.k, "updates_before_steady": step - args.warmup - steady_steps,
                "subnormals_after_updates": count_subnormals(
                    buffer.numpy() for buffer in setup.agent.training_buffers().values()),
@@ -128,14 +132,14 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
         if hasattr(setup.space, "exact_search"):  # an approximate index: how much of the exact k it finds
             row["target_search_recall_steady"] = target_search_recall(setup, memory, args.bsize)
         if plain_steps:
-            plain_args, fresh, plain_memory, plain_step = fresh_run(argv + plain_argv, 1)
-            row["plain_early"], _ = timed(fresh, plain_memory, args.warmup, plain_steps, plain_step)
+            plain_args, fresh, _ = fresh_run(argv + plain_argv, 1)
+            row["plain_early"] = timed(fresh, plain_steps)
             trained = build(plain_args)  # the fast agent's state, computed the plain way from here on
             for name, buffer in trained.agent.training_buffers().items():
                 buffer.assign(setup.agent.training_buffers()[name]).realize()
-            trained.agent.epsilon = setup.agent.epsilon
-            play(trained, memory, args.warmup, 1, step)  # compile
-            row["plain_steady"], _ = timed(trained, memory, args.warmup, plain_steps, step)
+            trained.agent.epsilon, trained.memory, trained.env_steps = setup.agent.epsilon, memory, step
+            play(trained, 1)  # compile
+            row["plain_steady"] = timed(trained, plain_steps)
             row["speedup_steady"] = row["plain_steady"]["ms_per_step"] / fast_steady["ms_per_step"]
     return row
 
@@ -232,8 +236,9 @@ def flush_cost(opts: argparse.Namespace) -> None:
         agent = setup.agent  # set before the first update compiles the graph
         agent.cfg.flush_below = agent.actor_optim.flush_below = agent.critic_optim.flush_below = flush_below
         setups.append(setup)
-    memory = ReplayMemory(opts.updates + 1000, setups[0].agent.state_dim, setups[0].agent.action_dim)
-    play(setups[0], memory, 128, opts.updates + 128, 0)
+    setups[0].memory = memory = ReplayMemory(opts.updates + 1000, setups[0].agent.state_dim,
+                                             setups[0].agent.action_dim)
+    play(setups[0], opts.updates + setups[0].options.warmup)
     trained = {name: buffer.numpy() for name, buffer in setups[0].agent.training_buffers().items()}
     times = {(state, flush): [] for state in ("trained", "subnormal moments") for flush in ("flush", "no flush")}
     for _ in range(opts.rounds):
@@ -367,10 +372,10 @@ def optimum(opts: argparse.Namespace) -> None:
     print(f"wrote {folder / 'optimum.json'} and {folder / 'optimum.png'}")
 
 
-def trained_setup(opts: argparse.Namespace) -> Setup:
+def trained_setup(opts: argparse.Namespace) -> Wolpertinger:
     """The agent of the run folder opts.run, with the settings it trained with and the flags given after --."""
     argv = ["--mode", "test", "--load-model-dir", opts.run, *opts.main_flags]
-    return build(trained_args(parse_args(argv), given_flags(argv)))
+    return build(parse_args(argv), given_flags(argv))
 
 
 def choice(opts: argparse.Namespace) -> None:
@@ -527,9 +532,9 @@ def knn(opts: argparse.Namespace) -> None:
 
 def training_search(argv: list[str], steps: int) -> dict:
     """Train for 2 x `steps` env steps, timing the second half; then the target actions' search's recall@k."""
-    args, setup, memory, step = fresh_run(argv, steps)
-    start = time.perf_counter()
-    play(setup, memory, args.warmup, steps, step)
+    args, setup, _ = fresh_run(argv, steps)
+    memory, start = setup.memory, time.perf_counter()
+    play(setup, steps)
     ms = 1e3 * (time.perf_counter() - start) / steps
     row = {"flags": argv, "ms_per_step": ms, "steps_timed": steps,
            "target_search_recall": target_search_recall(setup, memory, args.bsize)}
@@ -543,7 +548,7 @@ def target_search_recall(setup, memory: ReplayMemory, batch_size: int, minibatch
     agent, space, recalls = setup.agent, setup.space, []
     for _ in range(minibatches):
         write(agent.batch[3], memory.sample(batch_size, agent.rng)[3])
-        protos = read(agent._target_proto())
+        protos = read(agent.candidates._target_proto())
         found, truth = space.search(protos, setup.k), space.exact_search(np.clip(protos, -1, 1), setup.k)
         recalls += [len(set(a) & set(b)) / setup.k for a, b in zip(found, truth)]
     return float(np.mean(recalls))
@@ -560,9 +565,9 @@ def profile(opts: argparse.Namespace) -> None:
         raise SystemExit(f"error: {'no' if not names else len(names)} configurations' names contain {opts.config!r}; "
                          f"name one of {'; '.join(names or CONFIGS)}")
     name, = names
-    args, setup, memory, step = fresh_run(CONFIGS[name], 13)
+    args, setup, _ = fresh_run(CONFIGS[name], 13)
     profiler, start = cProfile.Profile(), time.perf_counter()
-    profiler.runcall(play, setup, memory, args.warmup, opts.steps, step)
+    profiler.runcall(play, setup, opts.steps)
     print(f"{name}: {1e3 * (time.perf_counter() - start) / opts.steps:.1f} ms per env step under the profiler")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(opts.top)
 

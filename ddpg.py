@@ -5,13 +5,13 @@ Wolpertinger agent; everything here is independent of how actions are chosen.
 """
 from __future__ import annotations
 
-import time
+from runtime import read, realized_zeros, rng_state, set_rng_state, write  # first: the runtime's settings
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad.dtype import _to_np_dtype
+from tinygrad import Tensor, TinyJit
 
 from memory import ReplayMemory
 from model import Actor, Critic, FlatParams
@@ -55,45 +55,6 @@ class DDPGConfig:
     choice_pull: float = 0.0
     c_lr_end: float = 1.0  # the critic's learning rate is c_lr times this once the exploration noise has run out
     flush_below: float = FLUSH_BELOW
-
-
-def realized_zeros(*shape: int, dtype=dtypes.float32, device: str | None = None) -> Tensor:
-    """A realised buffer (float32 and on the default device unless told) to write host data into (see `write`)."""
-    return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
-
-
-def write(buffer: Tensor, array: np.ndarray) -> None:
-    """Copy a numpy array, converted to the buffer's dtype, into a realised tensor's memory in place (no new
-    Tensor, no graph)."""
-    buf = buffer.uop.buffer.ensure_allocated()
-    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array, _to_np_dtype(buffer.dtype))).cast("B"))
-
-
-def sleep_until_idle(devices: list[str]) -> None:
-    """Sleep until the worker threads of these tinygrad CPU devices (and of the CPU device that submits their work)
-    have run every queued command. tinygrad's own wait spins in Python, holding a core and the GIL, which leaves
-    graphs queued on two CPU devices of a 2-core machine one core between them. Sleeps grow with the time waited
-    (a tenth of it), so that waking costs little of either core and adds at most a tenth to the wait. Only a wait
-    in advance: a `read` still synchronises, so an early return costs time, never correctness. Two passes in a
-    row find every worker idle, as a submitting worker passes commands on to the others."""
-    workers = [tuple(getattr(worker, name)._buf.cpu_view().view(fmt="Q") for name in ("put", "done"))
-               for device in dict.fromkeys(["CPU", *devices]) for worker in getattr(Device[device], "workers", ())]
-    start, idle_passes = time.perf_counter(), 0
-    while idle_passes < 2:
-        if all(done[0] >= put[0] for put, done in workers):
-            idle_passes += 1
-        else:
-            idle_passes = 0
-            time.sleep(max(2e-5, (time.perf_counter() - start) / 10))
-
-
-def read(tensor: Tensor) -> np.ndarray:
-    """A realised tensor's values as a numpy array (cheaper than Tensor.numpy per call)."""
-    buf = tensor.uop.buffer
-    out = np.empty(tensor.shape, _to_np_dtype(tensor.dtype))
-    buf.allocator.dev.synchronize()
-    buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
-    return out
 
 
 class Adam:
@@ -153,19 +114,6 @@ class OrnsteinUhlenbeck:
         self.x = self.x + self.theta * (self.mu - self.x) * self.dt + \
             self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(self.size)
         return self.x
-
-
-def tinygrad_rng_state() -> dict:
-    """tinygrad's random state: its seed and, per device, the seed tensor and the counter of numbers drawn."""
-    return {"seed": Tensor._seed, "devices": {device: [Tensor._device_seeds[device].tolist(), counter.tolist()]
-                                              for device, counter in Tensor._device_rng_counters.items()}}
-
-
-def set_tinygrad_rng_state(state: dict) -> None:
-    Tensor.manual_seed(state["seed"])
-    for device, (seed, counter) in state["devices"].items():
-        Tensor._device_seeds[device] = Tensor(seed, device=device, dtype=dtypes.uint32)
-        Tensor._device_rng_counters[device] = Tensor(counter, device=device, dtype=dtypes.uint32)
 
 
 class DDPG:
@@ -285,7 +233,7 @@ class DDPG:
         for name in OPTIMISERS:
             arrays |= {f"{name}.{key}": value for key, value in getattr(self, name).state().items()}
         arrays["noise.x"] = np.asarray(self.noise.x, np.float64)
-        scalars = {"epsilon": self.epsilon, "rng": self.rng.bit_generator.state, "tinygrad_rng": tinygrad_rng_state()}
+        scalars = {"epsilon": self.epsilon, "rng": self.rng.bit_generator.state, "tinygrad_rng": rng_state()}
         return arrays, scalars
 
     def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
@@ -296,7 +244,7 @@ class DDPG:
         self.noise.x = arrays["noise.x"].copy()
         self.epsilon = scalars["epsilon"]
         self.rng.bit_generator.state = scalars["rng"]
-        set_tinygrad_rng_state(scalars["tinygrad_rng"])
+        set_rng_state(scalars["tinygrad_rng"])
 
     def _load_networks(self, arrays: dict[str, np.ndarray]) -> None:
         for name, net in self.networks().items():

@@ -27,7 +27,7 @@ import numpy as np
 
 from util import read_tensors
 
-FLAGS = ["--env", "CartPole-v1", "--warmup", "20", "--save_per_epochs", "1", "--eval-every", "3",
+FLAGS = ["--env", "CartPole-v1", "--warmup", "20", "--save_per_epochs", "1", "--save-seconds", "0", "--eval-every", "3",
          "--eval-episodes", "1"]
 KINDS = ("SIGINT", "SIGTERM", "kill -9", "kill -9 during a save")
 

@@ -139,8 +139,8 @@ def test_the_file_wins_over_the_env_attribute(tmp_path):
     setup = main.build(main.parse_args(["--env", TOY, "--action-embeddings", str(write_npy(tmp_path, emb))]))
     assert setup.space.dim == 5 and setup.agent.action_dim == 5
     np.testing.assert_allclose(setup.space.vectors, EmbeddingActionSpace(emb).vectors)
-    env = main.make_env(TOY)  # without the flag: the env's own embeddings
-    assert main.load_action_embeddings(env, main.parse_args(["--env", TOY])) is env.unwrapped.action_embeddings
+    setup = main.build(main.parse_args(["--env", TOY]))  # without the flag: the env's own embeddings
+    assert setup.embeddings is setup.env.unwrapped.action_embeddings
 
 
 def run_main(*args) -> subprocess.CompletedProcess:

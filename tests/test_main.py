@@ -16,7 +16,7 @@ import pytest
 from util import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT_CARTPOLE = ["--env", "CartPole-v1", "--max-episode", "4", "--warmup", "20", "--save_per_epochs", "2",
+SHORT_CARTPOLE = ["--env", "CartPole-v1", "--max-episode", "4", "--warmup", "20", "--save_per_epochs", "2", "--save-seconds", "0",
                   "--eval-every", "2", "--eval-episodes", "1", "--seed", "3"]
 NETWORKS = ("actor", "critic", "actor_target", "critic_target")
 
@@ -136,7 +136,8 @@ def test_defaults_by_action_space_and_flags_that_override_them(flags, expected):
     got = dict(k=setup.k, tau=setup.agent.cfg.tau, random_candidate=setup.agent.random_candidate,
                choice_pull=setup.agent.cfg.choice_pull, c_lr_end=setup.agent.cfg.c_lr_end)
     assert got == expected
-    assert (args.tau_update, args.random_candidate, args.choice_pull, args.c_lr_end) == \
+    options = setup.options  # what the checkpoint records
+    assert (options.tau_update, options.random_candidate, options.choice_pull, options.c_lr_end) == \
         (expected["tau"], expected["random_candidate"], expected["choice_pull"], expected["c_lr_end"])
 
 
@@ -172,12 +173,11 @@ def test_multibinary_env_trains_and_gets_its_own_action_format(tmp_path):
 def test_combinatorial_spaces_reach_the_env_in_its_format():
     import gymnasium as gym
 
-    import main
-    args = main.parse_args([])
+    from action_space import action_set
     spaces = [gym.spaces.MultiDiscrete([[2, 3], [4, 1]], start=[[1, 0], [0, -2]]), gym.spaces.MultiBinary([2, 3]),
               gym.spaces.MultiDiscrete([7])]
     for act in spaces:
-        space = main.make_action_space("toy", act, args)
+        space = action_set(act)
         ids = space.search(np.random.default_rng(0).uniform(-1, 1, (20, space.dim)), 3)
         assert space.n == np.prod(act.nvec if hasattr(act, "nvec") else np.full(act.shape, 2))
         assert all(act.contains(space.to_env(i)) for row in ids for i in row)
@@ -185,8 +185,9 @@ def test_combinatorial_spaces_reach_the_env_in_its_format():
 
 def test_default_k_is_capped_with_a_notice(capsys):
     import main
+    from wolpertinger import DEFAULT_K_CAP
     setup = main.build(main.parse_args(["--env", "tests.toy_envs:ContextToy-binary20-v0"]))
-    assert (setup.k, setup.space.n, setup.agent.cfg.tau) == (main.DEFAULT_K_CAP, 2 ** 20, 0.001)
+    assert (setup.k, setup.space.n, setup.agent.cfg.tau) == (DEFAULT_K_CAP, 2 ** 20, 0.001)
     notice = [line for line in capsys.readouterr().out.splitlines() if "capped" in line]
     assert len(notice) == 1 and "104857" in notice[0]
     # not where 10% is below the cap, nor for a 1-d action set

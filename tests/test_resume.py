@@ -82,7 +82,7 @@ def test_cartpole_killed_9_just_after_a_save_resumes_exactly(tmp_path):
         proc.kill()
         proc.wait()
 
-    check_resume_is_exact(["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--eval-every", 2,
+    check_resume_is_exact(["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--save-seconds", 0, "--eval-every", 2,
                            "--eval-episodes", 1, "--seed", 4], tmp_path, kill_9_after_the_second_save)
 
 
@@ -95,7 +95,7 @@ def test_pendulum_stopped_by_sigterm_resumes_exactly(tmp_path):
         sender.join()
 
     check_resume_is_exact(["--env", "Pendulum-v0", "--max-actions", 101, "--max-episode-length", 40, "--warmup", 10,
-                           "--save_per_epochs", 50, "--eval-every", 2, "--eval-episodes", 1, "--seed", 5], tmp_path,
+                           "--save_per_epochs", 50, "--save-seconds", 0, "--eval-every", 2, "--eval-episodes", 1, "--seed", 5], tmp_path,
                           sigterm_during_episode_2)
 
 
@@ -108,7 +108,7 @@ def test_an_older_checkpoint_of_four_files_loads_weights_only_with_a_notice(tmp_
     for name, net in setup.agent.networks().items():
         save_tensors(old / f"{name}.safetensors", net.state_dict())
     assert main_in_process("--env", "CartPole-v1", "--load", "--load-model-dir", old, "--max-episode", 1,
-                           "--save_per_epochs", 1, "--output", tmp_path / "out") == 0
+                           "--save_per_epochs", 1, "--save-seconds", 0, "--output", tmp_path / "out") == 0
     out = capsys.readouterr().out
     assert f"notice: {old} holds weights only" in out
     (run_dir,) = (tmp_path / "out").iterdir()
@@ -119,7 +119,7 @@ def test_an_older_checkpoint_of_four_files_loads_weights_only_with_a_notice(tmp_
     assert all(np.array_equal(arrays[f"actor.{name}"], value) for name, value in saved.items())
 
 
-DIVERGING = ["--env", "CartPole-v1", "--c-lr", 1e12, "--warmup", 60, "--save_per_epochs", 1, "--eval-every", 1,
+DIVERGING = ["--env", "CartPole-v1", "--c-lr", 1e12, "--warmup", 60, "--save_per_epochs", 1, "--save-seconds", 0, "--eval-every", 1,
              "--eval-episodes", 1, "--seed", 2, "--max-episode", 50]
 
 
@@ -139,14 +139,14 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, caps
 
 
 def test_an_env_that_returns_nan_stops_training_with_one_line(tmp_path, capsys):
-    assert main_in_process("--env", "tests.toy_envs:NaNAfterToy-v0", "--warmup", 20, "--save_per_epochs", 2,
+    assert main_in_process("--env", "tests.toy_envs:NaNAfterToy-v0", "--warmup", 20, "--save_per_epochs", 2, "--save-seconds", 0,
                            "--eval-every", 0, "--max-episode", 10, "--output", tmp_path) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: training diverged in Ep:4: the env returned a non-finite observation; last complete "
                    f"checkpoint: {tmp_path / 'tests.toy_envs_NaNAfterToy-v0-run1' / 'checkpoint.safetensors'} (before Ep:4)"]
 
 
-CARTPOLE = ["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--eval-every", 0, "--seed", 6]
+CARTPOLE = ["--env", "CartPole-v1", "--warmup", 20, "--save_per_epochs", 1, "--save-seconds", 0, "--eval-every", 0, "--seed", 6]
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):

@@ -5,7 +5,8 @@ import pytest
 from tinygrad import Tensor
 
 from action_space import GridActionSpace
-from ddpg import FLUSH_BELOW, DDPGConfig, read, write
+from ddpg import FLUSH_BELOW, DDPGConfig
+from runtime import read, write
 from memory import ReplayMemory
 from wolp_agent import WolpertingerAgent
 

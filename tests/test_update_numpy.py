@@ -23,7 +23,7 @@ from ddpg import DDPGConfig
 from memory import ReplayMemory
 from tests.test_action_space import every_id
 from tests.test_action_space import flat as flat_index
-from wolp_agent import WolpertingerAgent
+from wolp_agent import WindowCandidates, WolpertingerAgent
 
 S, H1, H2, BATCH = 3, 16, 8, 8
 NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias")   # model.py's order
@@ -231,7 +231,7 @@ def assert_updates_match_numpy(agent, memory, k, exploring):
 def test_one_update_equals_numpy(case):
     space, k, seed = CASES[case]
     agent = make_agent(space, k, seed)
-    assert agent.in_graph_window == (case in ("1d-kinks", "1d-window"))   # the target-action path under test
+    assert isinstance(agent.candidates, WindowCandidates) == (case in ("1d-kinks", "1d-window"))   # the target-action path under test
     memory = random_memory(agent, seed)
     batch = next_batch(agent, memory)
     assert 0 < batch[4].sum() < BATCH, "the batch needs terminated and bootstrapped transitions"

@@ -6,7 +6,8 @@ from tinygrad import Device, Tensor
 from tinygrad.helpers import getenv
 
 from action_space import EmbeddingActionSpace, GridActionSpace
-from ddpg import DDPGConfig, read, write
+from ddpg import DDPGConfig
+from runtime import read, write
 from memory import ReplayMemory
 from tests.test_action_space import every_id, flat
 import util
@@ -116,7 +117,7 @@ def test_ranking_split_between_devices_follows_the_online_critic(case, monkeypat
     changed the online critic: every part ranks its own rows with the critic's current weights."""
     monkeypatch.setattr(wolp_agent, "ranking_devices", lambda: ["CPU", "CPU:1", "CPU:2"])
     agent = make_agent(case)
-    assert [part.states.device for part in agent.ranking_parts] == ["CPU", "CPU:1", "CPU:2"]
+    assert [part.states.device for part in agent.candidates.ranking_parts] == ["CPU", "CPU:1", "CPU:2"]
     before = read(agent.critic.flat)
     memory = filled_memory(agent)
     for _ in range(3):
