@@ -65,8 +65,9 @@ PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "P
 # Where results go: one file per benchmark row, docs/bench/<row>.json, overwritten when the row is measured again
 BENCH_DIR = Path(__file__).resolve().parent / "docs" / "bench"
 ROW_NAMES = {"CartPole-v1": "cartpole", "Pendulum-v0, 200000 actions, k=2000": "pendulum_k2000",
-             "Pendulum-v0, 200000 actions, k=20000": "pendulum_k20000", "MultiBinary(20), 1048576 actions, k=10485": "mb20",
-             "MultiBinary(40), 2^40 actions, k=10485": "mb40", "Box d=3, 195112 actions, k=2000": "box3_k2000",
+             "Pendulum-v0, 200000 actions, k=20000": "pendulum_k20000",
+             "MultiBinary(20), 1048576 actions, k=10485": "mb20", "MultiBinary(40), 2^40 actions, k=10485": "mb40",
+             "Box d=3, 195112 actions, k=2000": "box3_k2000",
              "Box d=3, 195112 actions, default k (19511)": "box3_default_k", "1M embedded items, k=1000": "1m"}
 
 
