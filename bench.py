@@ -1,12 +1,12 @@
 """Benchmarks: speed (env steps per second) and learning (reward curves across seeds).
 
-    python bench.py                  # speed: prints a table, writes bench_results.json
-    python bench.py speed --only CartPole --updates 5000 --no-plain --out results.json
+    python bench.py                  # speed: prints a table, writes docs/bench/<row>.json per configuration
+    python bench.py speed --only CartPole --updates 5000 --no-plain --out /tmp/bench   # files in another folder
     python bench.py learn --env CartPole-v1 --episodes 300 --seeds 5   # learning: see `learn`
     python bench.py learn --env Pendulum-v0 --episodes 200 -- --max-actions 200000
     python bench.py flush                                       # cost of flushing subnormals, and of not
     python bench.py timeline output/Pendulum-v0-run1 --ranges 3-8 31-40   # step time along a finished run
-    python bench.py knn              # k-NN over 1M embedded items: recall against exact search, ms, index files
+    python bench.py knn              # k-NN over 1M embedded items: recall, ms, index files (docs/bench/knn.json)
     python bench.py optimum sweeps/configurator   # sweeps of a built-in env as fractions of its exact optimum
     python bench.py choice RUN -- --env Recommender-v0 --k 1000   # where a recommender agent loses return
     python bench.py bounds RUN -- --env Configurator-v0 --k 10485   # what exact pruning of the k would still score
@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -63,6 +64,23 @@ PLAIN_FLAGS = ["--knn", "flann", "--scoring", "full"]  # the reference's way: FL
 PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3,
                "MultiBinary(20), 1048576 actions, k=10485": 2, "Box d=3, 195112 actions, k=2000": 5,
                "Box d=3, 195112 actions, default k (19511)": 2, "1M embedded items, k=1000": 3}
+# Where results go: one file per benchmark row, docs/bench/<row>.json, overwritten when the row is measured again
+BENCH_DIR = Path(__file__).resolve().parent / "docs" / "bench"
+ROW_NAMES = {"CartPole-v1": "cartpole", "Pendulum-v0, 200000 actions, k=2000": "pendulum_k2000",
+             "Pendulum-v0, 200000 actions, k=20000": "pendulum_k20000",
+             "MultiBinary(20), 1048576 actions, k=10485": "mb20", "MultiBinary(40), 2^40 actions, k=10485": "mb40",
+             "Box d=3, 195112 actions, k=2000": "box3_k2000",
+             "Box d=3, 195112 actions, default k (19511)": "box3_default_k", "1M embedded items, k=1000": "1m"}
+
+
+def row_name(name: str, updates: int, plain: bool, beam: int, device: str) -> str:
+    """A configuration's result-file name: e.g. mb20_steady, cartpole_steady_plain (with the plain path's figures),
+    box3_k2000_early (--updates 0), mb20_steady_cuda (on another device than the CPU)."""
+    row = ROW_NAMES.get(name) or re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    row += "_steady" if updates else "_early"
+    row += "_plain" if plain else ""
+    row += f"_beam{beam}" if beam else ""
+    return row + ("" if device.split(":")[0] == "CPU" else f"_{device.split(':')[0].lower()}")
 
 
 def cpu_model() -> str:
@@ -155,11 +173,14 @@ def speed(opts: argparse.Namespace) -> None:
         row = measure(argv + beam, PLAIN_FLAGS, opts.early_steps, opts.updates, opts.steps,
                       PLAIN_STEPS.get(name, 0) if opts.plain else 0)
         results["configs"][name] = row
+        header = {key: value for key, value in results.items() if key != "configs"}
+        out = Path(opts.out) / f"{row_name(name, opts.updates, 'plain_steady' in row, opts.beam, Device.DEFAULT)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**header, "configs": {name: row}}, indent=2))
         print(f"{name}: fast {row['fast_early']['ms_per_step']:.2f} ms/step early, "
               f"{row['fast_steady']['ms_per_step']:.2f} after {row['updates_before_steady']} updates"
               + (f", target search recall {row['target_search_recall_steady']:.3f}"
-                 if "target_search_recall_steady" in row else ""), flush=True)
-        Path(opts.out).write_text(json.dumps(results, indent=2))
+                 if "target_search_recall_steady" in row else "") + f"; wrote {out}", flush=True)
     print(f"\n{results['machine']}; steady state after {opts.updates} updates")
     print("| configuration | fast ms/step, early | fast ms/step, steady | plain ms/step, early | plain ms/step, steady "
           "| speed-up, steady | fast peak RSS MB | subnormals after updates |")
@@ -170,7 +191,6 @@ def speed(opts: argparse.Namespace) -> None:
         print(f"| {name} | {fmt(row, 'fast_early', '.2f')} | {fmt(row, 'fast_steady', '.2f')} | "
               f"{fmt(row, 'plain_early', '.1f')} | {fmt(row, 'plain_steady', '.1f')} | {speedup} | "
               f"{row['fast_steady']['peak_rss_mb']:.0f} | {row['subnormals_after_updates']} |")
-    print(f"\nwrote {opts.out}")
 
 
 def window_mean(values: np.ndarray, first: int, last: int) -> float:
@@ -526,6 +546,7 @@ def knn(opts: argparse.Namespace) -> None:
     results["training"] = {probes: training_search(["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000",
                                                     "--ivf-probes", str(probes)], opts.steps)
                            for probes in (8, 32)}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {opts.out}")
 
@@ -583,7 +604,8 @@ def main() -> None:
         parser.add_argument("--no-plain", dest="plain", action="store_false", help="time the fast path only")
         parser.add_argument("--only", nargs="*", default=[],
                             help="configurations whose name contains one of these (default: CartPole and Pendulum)")
-        parser.add_argument("--out", default="bench_results.json")
+        parser.add_argument("--out", default=str(BENCH_DIR),
+                            help="folder of the result files, one per configuration: <row>.json (default docs/bench)")
         parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
     lp = sub.add_parser("learn", help="reward curves of several seeds, trained in parallel through sweep.py")
     lp.add_argument("--env", default="CartPole-v1")
@@ -605,7 +627,7 @@ def main() -> None:
     tp.add_argument("--windows", type=int, default=10, help="also report this many equal windows of episodes")
     kp = sub.add_parser("knn", help="k-NN methods over 1M embedded items: speed, recall, index build and reload")
     kp.add_argument("--items", type=int, default=1_000_000)
-    kp.add_argument("--out", default="bench_knn.json")
+    kp.add_argument("--out", default=str(BENCH_DIR / "knn.json"))
     kp.add_argument("--steps", type=int, default=300, help="timed env steps of the training rows (after as many)")
     op = sub.add_parser("optimum", help="a sweep of a built-in env as fractions of its exact optimum, with random")
     op.add_argument("sweeps", nargs="+", help="finished sweep.py --output folders of Recommender-v0 or Configurator-v0 "
