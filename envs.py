@@ -122,23 +122,31 @@ class RecommenderWorld:
     random_return: float         # expected return of uniformly random recommendations
 
 
-def _sparse_acceptance(position: np.ndarray, quality: np.ndarray, shift: np.ndarray, radius: float,
-                       cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W as CSR (indptr, column indices, values): for each slot, every slot with w > 0, from the 3 x 3 cells around it.
+def _cell_candidates(z: np.ndarray, shift: np.ndarray, cells: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots in the 3 x 3 cells around z + shift, for each row of z (m, 2): (m, 9 x the most slots in a cell)
+    slot numbers, 0 where a cell holds fewer, and the mask of those that exist.
 
-    Slot k lies in cell k * cells^2 // n (row-major), so the slots of a cell are contiguous.
+    Slot k of n lies in cell k * cells^2 // n (row-major), so the slots of a cell are contiguous.
     """
-    n, n_cells = len(position), cells * cells
+    n_cells = cells * cells
     first = -(-np.arange(n_cells + 1) * n // n_cells)  # the first slot of each cell
     size, place = np.diff(first), np.arange(-(-n // n_cells))
     offsets = np.array([(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    around = (np.minimum(((z + shift) % 1.0 * cells).astype(np.int64), cells - 1)[:, None, :] + offsets) % cells
+    cell = around[..., 0] + around[..., 1] * cells                                  # (m, 9)
+    inside = (place < size[cell][..., None]).reshape(len(z), -1)
+    return np.where(inside, (first[cell][..., None] + place).reshape(len(z), -1), 0), inside
+
+
+def _sparse_acceptance(position: np.ndarray, quality: np.ndarray, shift: np.ndarray, radius: float,
+                       cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W as CSR (indptr, column indices, values): for each slot, every slot with w > 0, from the 3 x 3 cells around it
+    (see `_cell_candidates`)."""
+    n = len(position)
     counts, cols, vals = np.zeros(n, np.int64), [], []
     for start in range(0, n, CHUNK):
         z = position[start:start + CHUNK]
-        around = (np.minimum(((z + shift) % 1.0 * cells).astype(np.int64), cells - 1)[:, None, :] + offsets) % cells
-        cell = around[..., 0] + around[..., 1] * cells                              # (chunk, 9)
-        inside = (place < size[cell][..., None]).reshape(len(z), -1)
-        candidates = np.where(inside, (first[cell][..., None] + place).reshape(len(z), -1), 0)
+        candidates, inside = _cell_candidates(z, shift, cells, n)
         w = _accept(z[:, None, :], position[candidates], quality[candidates], shift, radius)
         keep = inside & (w > 0)
         counts[start:start + len(z)] = keep.sum(1)
