@@ -122,6 +122,7 @@ class RecommenderWorld:
     random_return: float         # expected return of uniformly random recommendations
     cells: int                   # cells per side of the grid that W's candidates are searched in (_cell_candidates)
     slot_items: np.ndarray       # (N,) the item in each slot: slots run cell by cell, a position's variants together
+    basis: np.ndarray            # (d, 4 or 5) B: the orthonormal directions of the features in the embeddings
 
 
 def _cell_candidates(z: np.ndarray, shift: np.ndarray, cells: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,10 +271,10 @@ def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int
         rotation[2 * axis:2 * axis + 2, 2 * axis:2 * axis + 2] = ((c, -s), (s, c))
     embeddings = (features @ basis.T).astype(np.float32)
     next_item_map = basis[:, :4] @ rotation @ basis[:, :4].T
-    for array in (position, quality, embeddings, next_item_map, shift, values, policy, item):
+    for array in (position, quality, embeddings, next_item_map, shift, values, policy, item, basis):
         array.flags.writeable = False
     return RecommenderWorld(position, quality, embeddings, next_item_map, shift, radius, nonzeros, values, policy,
-                            random_return, cells, item)
+                            random_return, cells, item, basis)
 
 
 def default_neighbours(n_items: int, variants: int = 1) -> float:
@@ -310,11 +311,24 @@ def default_neighbours(n_items: int, variants: int = 1) -> float:
 #     (1/N) d^k w_ij E[prod over the other k items before it of (1 - w)],
 # and for a random k-subset of the N - 1 other items E[prod (1 - w)] = sum_t (-1)^t e_t(w without j) k_(t) / (N-1)_(t),
 # e_t the elementary symmetric polynomials of the row's non-zero w, (a)_(t) the falling factorials: exact in O(K s).
+#
+# Hidden users (hidden_user=True). Each item has one of HIDDEN_TOPICS = 4 topics, drawn uniformly and independently of
+# its position, and its embedding gains TOPIC_SPREAD = 1 along its topic's direction (orthonormal directions, orthogonal
+# to the torus features': dim >= 8). Each episode draws the user's interests, a preference vector u of one number per
+# topic, each uniform in [0, 1]; it multiplies the acceptance: w_ij u[topic j]. The user never accepts more than W
+# allows, and the acceptable items of an item mix topics, so that a policy that knows u picks among them by topic where
+# one that does not must probe for it. The agent sees what the user did (the slate, its clicks, the moving
+# average of the clicked embeddings), never u. The greedy oracle knows u and shows the s items of largest
+# w_ij u[topic j] in decreasing order: this maximises the immediate acceptance probability, sum_k P_k being
+# non-decreasing in each w and the order by w that of x / (1 - c) when g is constant. Its return and a random slate's
+# are Monte Carlo estimates (ORACLE_EPISODES episodes from ORACLE_SEED).
 # ---------------------------------------------------------------------------------------------------------------------
 
 ATTENTION_DECAY = 0.8  # default attention_decay: after a declined position the user looks at the next w.p. 0.8
 HISTORY_RATE = 0.3  # the weight of the newest clicked item in the observed moving average of clicked embeddings
 SLATE_BLOCK = 1 << 24  # bytes of a slate programme's choices (acceptable items x slate size x rows of W) at a time
+HIDDEN_TOPICS, TOPIC_SPREAD = 4, 1.0  # hidden users: the items' topics, and the length of a topic's direction
+ORACLE_EPISODES, ORACLE_SEED = 10_000, 0  # the Monte-Carlo estimates of hidden users' returns
 
 
 def _cascade(w: np.ndarray, decay: float) -> np.ndarray:
@@ -333,10 +347,14 @@ def _repeats(slates: np.ndarray) -> np.ndarray:
     return np.tril(same, -1).any(-1)
 
 
-def _slate_acceptance(world: RecommenderWorld, items: np.ndarray, slates: np.ndarray, decay: float) -> np.ndarray:
-    """P (..., s): the probability that each position of the slates (..., s) is accepted by users viewing items (...)."""
+def _slate_acceptance(world: RecommenderWorld, items: np.ndarray, slates: np.ndarray, decay: float,
+                      interest: np.ndarray | None = None) -> np.ndarray:
+    """P (..., s): the probability that each position of the slates (..., s) is accepted by users viewing items (...),
+    `interest` (..., s) multiplying w where users are hidden."""
     w = _accept(world.position[items][..., None, :], world.position[slates], world.quality[slates], world.shift,
                 world.radius)
+    if interest is not None:
+        w = w * interest
     if slates.shape[-1] > 1:
         w = np.where(_repeats(slates), 0.0, w)
     return _cascade(w, decay)
@@ -519,6 +537,120 @@ def slate_solution(n_items: int, dim: int, neighbours: float, world_seed: int, s
     return SlateSolution(values, slates, random_return)
 
 
+@dataclass(frozen=True)
+class HiddenTopics:
+    """The items' topics for hidden users (arrays read-only)."""
+    topic: np.ndarray       # (N,) each item's topic
+    embeddings: np.ndarray  # (N, d) float32: the world's embeddings plus TOPIC_SPREAD along the topic's direction
+
+
+@functools.lru_cache(maxsize=2)
+def hidden_topics(n_items: int, dim: int, neighbours: float, world_seed: int) -> HiddenTopics:
+    """Topics and embeddings of a world of one variant per position, from a random stream of their own (the world
+    stays the one without hidden users). Checked arguments: see RecommenderEnv."""
+    world = recommender_world(n_items, dim, neighbours, world_seed, 1)  # as the env asks, to share the cached world
+    rng = np.random.default_rng([world_seed, 1])
+    topic = rng.integers(HIDDEN_TOPICS, size=n_items)
+    complete = np.linalg.qr(np.concatenate([world.basis, rng.standard_normal((dim, HIDDEN_TOPICS))], 1))[0]
+    directions = complete[:, world.basis.shape[1]:].T  # (topics, d), orthogonal to the features' directions
+    embeddings = (world.embeddings + TOPIC_SPREAD * directions[topic]).astype(np.float32)
+    for array in (topic, embeddings):
+        array.flags.writeable = False
+    return HiddenTopics(topic, embeddings)
+
+
+def _draw_users(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Hidden users' interests (count, HIDDEN_TOPICS): a preference for each topic, uniform in [0, 1]."""
+    return rng.random((count, HIDDEN_TOPICS))
+
+
+def _interest(users: np.ndarray, topic: np.ndarray, slates: np.ndarray) -> np.ndarray:
+    """u[topic j] (B, s) for users (B, topics) shown slates (B, s)."""
+    return np.take_along_axis(users, topic[slates], axis=1)
+
+
+def _cell_acceptable(world: RecommenderWorld, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The items of the 3 x 3 cells that hold every item acceptable from items (B,), and their w (B, K >= width); the
+    viewed item itself (never accepted) fills what the cells lack."""
+    slots, inside = _cell_candidates(world.position[items], world.shift, world.cells, len(world.position))
+    candidates = np.where(inside, world.slot_items[slots], items[:, None])
+    if candidates.shape[1] < width:
+        candidates = np.concatenate([candidates, np.repeat(items[:, None], width - candidates.shape[1], 1)], 1)
+    return candidates, _accept(world.position[items][:, None, :], world.position[candidates],
+                               world.quality[candidates], world.shift, world.radius)
+
+
+def _row_acceptable(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, rows: np.ndarray, items: np.ndarray,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+    """As `_cell_acceptable`, from the rows of a CSR W whose cols hold item numbers: the acceptable items only."""
+    counts = indptr[rows + 1] - indptr[rows]
+    place = np.arange(max(width, int(counts.max(initial=0))))
+    inside = place < counts[:, None]
+    entries = np.where(inside, indptr[rows][:, None] + place, 0)
+    return np.where(inside, cols[entries], items[:, None]), np.where(inside, w[entries], 0.0)
+
+
+def _oracle_slates(candidates: np.ndarray, w: np.ndarray, users: np.ndarray, topic: np.ndarray,
+                   slate_size: int) -> np.ndarray:
+    """The greedy oracle's slates (B, s) for users (B, topics): of each row's candidate items (B, K >= s) with
+    acceptance w, the s of largest w u[topic], in decreasing order."""
+    score = w * _interest(users, topic, candidates)
+    top = np.argpartition(-score, slate_size - 1, axis=1)[:, :slate_size]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 1), axis=1, kind="stable"), 1)
+    return np.take_along_axis(candidates, top, 1)
+
+
+def _random_slates(rng: np.random.Generator, n_items: int, count: int, slate_size: int) -> np.ndarray:
+    """`count` uniformly random slates of distinct items: Floyd's sampling of a set, then a random order."""
+    slates = np.empty((count, slate_size), np.int64)
+    for k, top in enumerate(range(n_items - slate_size, n_items)):
+        pick = rng.integers(top + 1, size=count)
+        slates[:, k] = np.where((slates[:, :k] == pick[:, None]).any(1), top, pick)
+    return rng.permuted(slates, axis=1)
+
+
+def _hidden_user_returns(world: RecommenderWorld, topic: np.ndarray, slate_size: int, decay: float, choose,
+                         episodes: int, rng: np.random.Generator) -> np.ndarray:
+    """Returns of `episodes` episodes with hidden users, all stepped together; choose(items, users) gives the slates."""
+    n = len(world.position)
+    items, users = rng.integers(n, size=episodes), _draw_users(rng, episodes)
+    totals, alive = np.zeros(episodes), np.arange(episodes)
+    while alive.size:
+        slates = choose(items[alive], users[alive])
+        interest = _interest(users[alive], topic, slates)
+        cumulative = np.cumsum(_slate_acceptance(world, items[alive], slates, decay, interest), axis=1)
+        slot = (cumulative <= rng.random(len(alive))[:, None]).sum(1)  # the first position above the draw
+        accepted = slot < slate_size
+        moved = rng.integers(n, size=len(alive))  # drawn for every episode, used where nothing is accepted
+        items[alive] = np.where(accepted, slates[np.arange(len(alive)), np.minimum(slot, slate_size - 1)], moved)
+        totals[alive] += accepted
+        alive = alive[rng.random(len(alive)) < np.where(accepted, ACCEPT_CONTINUE, REJECT_CONTINUE)]
+    return totals
+
+
+@functools.lru_cache(maxsize=2)
+def hidden_user_returns(n_items: int, dim: int, neighbours: float, world_seed: int, slate_size: int,
+                        decay: float) -> tuple[float, float, float, float]:
+    """Monte-Carlo returns with hidden users (ORACLE_EPISODES each, from ORACLE_SEED): the greedy oracle's mean and
+    standard error, then a uniformly random slate's (checked arguments: see RecommenderEnv)."""
+    world = recommender_world(n_items, dim, neighbours, world_seed, 1)  # as the env asks, to share the cached world
+    topic = hidden_topics(n_items, dim, neighbours, world_seed).topic
+    slot, (indptr, cols, w) = _slots(world), _slot_acceptance(world)
+    cols = world.slot_items[cols]
+
+    def oracle_slates(items: np.ndarray, users: np.ndarray) -> np.ndarray:
+        return _oracle_slates(*_row_acceptable(indptr, cols, w, slot[items], items, slate_size), users, topic,
+                              slate_size)
+
+    rng = np.random.default_rng(ORACLE_SEED)
+    oracle = _hidden_user_returns(world, topic, slate_size, decay, oracle_slates, ORACLE_EPISODES, rng)
+    random = _hidden_user_returns(world, topic, slate_size, decay,
+                                  lambda items, users: _random_slates(rng, n_items, len(items), slate_size),
+                                  ORACLE_EPISODES, rng)
+    return tuple(float(f(r)) for r in (oracle, random)
+                 for f in (np.mean, lambda r: r.std(ddof=1) / math.sqrt(len(r))))
+
+
 class RecommenderEnv(gym.Env):
     """The recommender simulator of Dulac-Arnold et al. (2015), with a known optimum.
 
@@ -541,23 +673,37 @@ class RecommenderEnv(gym.Env):
     "history" (the moving average of the clicked items' embeddings, weight HISTORY_RATE = 0.3 to the newest); the last
     three are zeros until there is a slate or a click.
 
-    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4, at least 5 with variants; default 8),
-    neighbours (mean number of items a user at any item may accept; default `default_neighbours(n_items, variants)`,
-    200 at 10,000 items and 12 at a million, 20,000 at a million in 100 variants), variants (items per position,
-    variants of one product that differ in appeal; default 1), world_seed (the items and W; default 0), slate_size
-    (1 to n_items, default 1; above 1 with variants 1 only), attention_decay (0 to 1, default ATTENTION_DECAY = 0.8),
-    observation ("box", the default, or "dict").
+    Hidden users (hidden_user=True; observation "dict" unless given): items have topics, which their embeddings show
+    (`action_embeddings` are then `topics.embeddings`, `topics.topic` the topics), and each episode draws a user whose
+    hidden interest in each topic multiplies w (see "Hidden users" above). The optimum is unknown: there is no
+    optimal_return, optimal_actions or best_single_item_return. `greedy_oracle_return`, the return of the greedy
+    policy that knows the user (the slate of largest immediate acceptance probability), and `random_return` (uniformly
+    random slates of distinct items) are Monte-Carlo means over ORACLE_EPISODES = 10,000 episodes from seed
+    ORACLE_SEED = 0, with standard errors `greedy_oracle_stderr` and `random_stderr`; `oracle_slate()` is the
+    oracle's action now. `accept_probability`, `recommendation_gain` and `policy_return` describe the world without
+    hidden interests.
+
+    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4, at least 5 with variants and 8 with
+    hidden users; default 8), neighbours (mean number of items a user at any item may accept; default
+    `default_neighbours(n_items, variants)`, 200 at 10,000 items and 12 at a million, 20,000 at a million in 100
+    variants), variants (items per position, variants of one product that differ in appeal; default 1), world_seed
+    (the items and W; default 0), slate_size (1 to n_items, default 1; above 1 with variants 1 only), attention_decay
+    (0 to 1, default ATTENTION_DECAY = 0.8), observation ("box" or "dict"), hidden_user (default False; with variants
+    1 only).
     """
     metadata = {"render_modes": []}
 
     def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float | None = None, world_seed: int = 0,
                  variants: int = 1, slate_size: int = 1, attention_decay: float = ATTENTION_DECAY,
-                 observation: str = "box"):
+                 observation: str | None = None, hidden_user: bool = False):
         n_items = _check_int("n_items", n_items, 2)
         variants = _check_int("variants", variants, 1, n_items // 2)
         if n_items % variants:
             raise ValueError(f"n_items must be a multiple of variants (got {n_items} and {variants})")
-        dim = _check_int("dim", dim, 5 if variants > 1 else 4)
+        if not isinstance(hidden_user, (bool, np.bool_)):
+            raise ValueError(f"hidden_user must be True or False (got {hidden_user!r})")
+        self.hidden_user = bool(hidden_user)
+        dim = _check_int("dim", dim, 5 if variants > 1 else 4 + HIDDEN_TOPICS if self.hidden_user else 4)
         neighbours = default_neighbours(n_items, variants) if neighbours is None else neighbours
         # at least one position's variants; at most pi n / 10 keeps the acceptance radius below a third of the torus
         # (3 x 3 distinct cells, |s| > r)
@@ -565,16 +711,23 @@ class RecommenderEnv(gym.Env):
         world_seed = _check_int("world_seed", world_seed, 0)
         self.slate_size = _check_int("slate_size", slate_size, 1, n_items)
         self.attention_decay = _check_float("attention_decay", attention_decay, 0.0, 1.0)
-        if self.slate_size > 1 and variants > 1:  # slates are solved item by item, where W and V are kept per position
-            raise ValueError(f"slate_size above 1 needs variants = 1 (got {variants} variants)")
-        self.observation = observation
+        for name, used in (("slate_size", self.slate_size > 1), ("hidden_user", self.hidden_user)):
+            if used and variants > 1:  # both work item by item, where W and V are kept per position
+                raise ValueError(f"{name} other than its default needs variants = 1 (got {variants} variants)")
+        self.observation = ("dict" if self.hidden_user else "box") if observation is None else observation
         if self.observation not in ("box", "dict"):
             raise ValueError(f"observation must be 'box' or 'dict' (got {observation!r})")
         self.world = recommender_world(n_items, dim, neighbours, world_seed, variants)
         self.n_items = n_items
         self.action_embeddings = self.world.embeddings
-        if self.slate_size > 1:
-            solution = slate_solution(n_items, dim, neighbours, world_seed, self.slate_size, self.attention_decay)
+        key = (n_items, dim, neighbours, world_seed, self.slate_size, self.attention_decay)
+        if self.hidden_user:
+            self.topics = hidden_topics(*key[:4])
+            self.action_embeddings = self.topics.embeddings
+            self.greedy_oracle_return, self.greedy_oracle_stderr, self.random_return, self.random_stderr = \
+                hidden_user_returns(*key)
+        elif self.slate_size > 1:
+            solution = slate_solution(*key)
             self.optimal_return = float(solution.values.mean())
             self.random_return = solution.random_return
             self.optimal_actions = solution.optimal_slates
@@ -586,7 +739,7 @@ class RecommenderEnv(gym.Env):
         self.observation_space = self._observation_space()
         self.action_space = gym.spaces.Discrete(n_items) if self.slate_size == 1 else \
             gym.spaces.MultiDiscrete([n_items] * self.slate_size)
-        self.item = 0
+        self.item, self.user = 0, None
         self._forget()
 
     def _observation_space(self) -> gym.spaces.Space:
@@ -622,15 +775,26 @@ class RecommenderEnv(gym.Env):
                                                                      self.attention_decay))[0].mean())
         return float(_evaluate(actions, self.accept_probability(np.arange(self.n_items), actions)).mean())
 
+    def oracle_slate(self):
+        """The greedy oracle's action for the current hidden user and item (hidden_user=True only)."""
+        if self.user is None:
+            raise ValueError("oracle_slate needs hidden_user=True and a reset")
+        candidates, w = _cell_acceptable(self.world, np.array([self.item]), self.slate_size)
+        slate = _oracle_slates(candidates, w, self.user[None], self.topics.topic, self.slate_size)[0]
+        return int(slate[0]) if self.slate_size == 1 else slate
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.item = int(self.np_random.integers(self.n_items))
+        if self.hidden_user:
+            self.user = _draw_users(self.np_random, 1)[0]
         self._forget()
         return self._observe(), {"item": self.item}
 
     def step(self, action):
         slate = self._slate(action)
-        probabilities = _slate_acceptance(self.world, self.item, slate, self.attention_decay)
+        interest = None if self.user is None else self.user[self.topics.topic[slate]]
+        probabilities = _slate_acceptance(self.world, self.item, slate, self.attention_decay, interest)
         draw = self.np_random.random()
         # the first position whose cumulative probability exceeds the draw, slate_size for none (one: a comparison)
         slot = int(draw >= probabilities[0]) if self.slate_size == 1 else \

@@ -1,4 +1,4 @@
-"""Recommender-v0's slates and dict observations against brute force, the definition and sampling."""
+"""Recommender-v0's slates, dict observations and hidden users against brute force, the definition and sampling."""
 import itertools
 
 import gymnasium as gym
@@ -170,6 +170,66 @@ def test_dict_observation_holds_the_item_the_last_slate_its_clicks_and_history(s
                             400, seed=2)
 
 
+# --- hidden users -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slate_size", [1, 10])
+def test_hidden_users_stay_hidden_and_the_oracle_beats_random(slate_size):
+    env = make(n_items=2000, slate_size=slate_size, hidden_user=True)
+    assert env.observation == "dict" and not hasattr(env, "optimal_return")
+    # the observation is what the user did: checked against the items, slates and clicks alone
+    check_dict_observations(env, lambda item: env.oracle_slate(), 200, seed=3)
+    _, info = env.reset(seed=4)
+    user = env.user.copy()
+    assert set(info) == {"item"} and user.shape == (envs.HIDDEN_TOPICS,)
+    env.reset()
+    assert not np.allclose(env.user, user)  # a new user each episode
+    # the oracle knows the user: far above random, and its Monte-Carlo return is what the env gives it
+    gap = env.greedy_oracle_return - env.random_return
+    assert gap > 0.5 * env.greedy_oracle_return and gap > 10 * (env.greedy_oracle_stderr + env.random_stderr)
+    blind = make(n_items=2000, slate_size=slate_size).optimal_actions  # optimal for users without hidden interests
+    returns = {}
+    for name, policy in (("oracle", lambda: env.oracle_slate()), ("blind", lambda: blind[env.item])):
+        env.reset(seed=6)
+        returns[name] = []
+        for _ in range(600):
+            env.reset()
+            total, done = 0.0, False
+            while not done:
+                _, reward, done, _, _ = env.step(policy())
+                total += reward
+            returns[name].append(total)
+    mean, stderr = np.mean(returns["oracle"]), np.std(returns["oracle"]) / np.sqrt(600)
+    assert abs(mean - env.greedy_oracle_return) < 4 * np.hypot(stderr, env.greedy_oracle_stderr), mean
+    # not knowing the user costs much (Monte Carlo: 1.86 against 2.95 at slates of 1, 4.80 against 5.89 of 10)
+    blind_stderr = np.std(returns["blind"]) / np.sqrt(600)
+    assert np.mean(returns["blind"]) < env.greedy_oracle_return - 4 * np.hypot(blind_stderr, env.greedy_oracle_stderr)
+
+
+def test_hidden_users_interests_in_topics_multiply_acceptance():
+    env = make(n_items=300, neighbours=24, slate_size=3, hidden_user=True)
+    world, topic = env.world, env.topics.topic
+    # each topic adds a unit direction to the embeddings, orthogonal to the other topics' and to the world's features
+    directions = env.action_embeddings.astype(np.float64) - world.embeddings
+    unit = np.stack([directions[topic == t][0] for t in range(envs.HIDDEN_TOPICS)])
+    np.testing.assert_allclose(directions, unit[topic], atol=1e-6)
+    np.testing.assert_allclose(unit @ unit.T, np.eye(envs.HIDDEN_TOPICS), atol=1e-6)
+    assert np.abs(world.embeddings @ unit.T).max() < 1e-6
+    env.reset(seed=0)
+    item, user = env.item, env.user
+    assert user.shape == (envs.HIDDEN_TOPICS,) and 0 <= user.min() and user.max() <= 1
+    w = dense_acceptance(world)[item] * user[topic]
+    slate = env.oracle_slate()
+    np.testing.assert_allclose(w[slate], np.sort(w)[::-1][:3], rtol=1e-12)  # the oracle: the largest w u[topic]
+    expected = definition_probabilities(w[None, :], tuple(slate), 0.8)[0]
+    counts, draws = np.zeros(4), 10000
+    for _ in range(draws):
+        env.item = item
+        counts[env.step(slate)[4]["slot"]] += 1
+    frequencies = np.append(expected, 1 - expected.sum())
+    chi2 = ((counts - draws * frequencies) ** 2 / (draws * frequencies)).sum()
+    assert frequencies.min() > 0.01 and chi2 < 22, (counts, draws * frequencies)  # 3 degrees of freedom: p < 1e-4
+
+
 # --- keywords ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -178,6 +238,8 @@ def test_dict_observation_holds_the_item_the_last_slate_its_clicks_and_history(s
     (dict(n_items=100, variants=2, slate_size=2), "slate_size"), (dict(attention_decay=-0.1), "attention_decay"),
     (dict(attention_decay=1.5), "attention_decay"), (dict(attention_decay=float("nan")), "attention_decay"),
     (dict(attention_decay="high"), "attention_decay"), (dict(observation="image"), "observation"),
+    (dict(hidden_user="yes"), "hidden_user"), (dict(hidden_user=1), "hidden_user"),
+    (dict(hidden_user=True, dim=7), "dim"), (dict(n_items=100, variants=2, hidden_user=True), "hidden_user"),
 ])
 def test_slate_keywords_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
