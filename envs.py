@@ -120,25 +120,36 @@ class RecommenderWorld:
     values: np.ndarray           # (N,) optimal expected return from each item
     optimal_actions: np.ndarray  # (N,) an optimal recommendation from each item
     random_return: float         # expected return of uniformly random recommendations
+    cells: int                   # cells per side of the grid that W's candidates are searched in (_cell_candidates)
+    slot_items: np.ndarray       # (N,) the item in each slot: slots run cell by cell, a position's variants together
+    basis: np.ndarray            # (d, 4 or 5) B: the orthonormal directions of the features in the embeddings
+
+
+def _cell_candidates(z: np.ndarray, shift: np.ndarray, cells: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots in the 3 x 3 cells around z + shift, for each row of z (m, 2): (m, 9 x the most slots in a cell)
+    slot numbers, 0 where a cell holds fewer, and the mask of those that exist.
+
+    Slot k of n lies in cell k * cells^2 // n (row-major), so the slots of a cell are contiguous.
+    """
+    n_cells = cells * cells
+    first = -(-np.arange(n_cells + 1) * n // n_cells)  # the first slot of each cell
+    size, place = np.diff(first), np.arange(-(-n // n_cells))
+    offsets = np.array([(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    around = (np.minimum(((z + shift) % 1.0 * cells).astype(np.int64), cells - 1)[:, None, :] + offsets) % cells
+    cell = around[..., 0] + around[..., 1] * cells                                  # (m, 9)
+    inside = (place < size[cell][..., None]).reshape(len(z), -1)
+    return np.where(inside, (first[cell][..., None] + place).reshape(len(z), -1), 0), inside
 
 
 def _sparse_acceptance(position: np.ndarray, quality: np.ndarray, shift: np.ndarray, radius: float,
                        cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W as CSR (indptr, column indices, values): for each slot, every slot with w > 0, from the 3 x 3 cells around it.
-
-    Slot k lies in cell k * cells^2 // n (row-major), so the slots of a cell are contiguous.
-    """
-    n, n_cells = len(position), cells * cells
-    first = -(-np.arange(n_cells + 1) * n // n_cells)  # the first slot of each cell
-    size, place = np.diff(first), np.arange(-(-n // n_cells))
-    offsets = np.array([(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    """W as CSR (indptr, column indices, values): for each slot, every slot with w > 0, from the 3 x 3 cells around it
+    (see `_cell_candidates`)."""
+    n = len(position)
     counts, cols, vals = np.zeros(n, np.int64), [], []
     for start in range(0, n, CHUNK):
         z = position[start:start + CHUNK]
-        around = (np.minimum(((z + shift) % 1.0 * cells).astype(np.int64), cells - 1)[:, None, :] + offsets) % cells
-        cell = around[..., 0] + around[..., 1] * cells                              # (chunk, 9)
-        inside = (place < size[cell][..., None]).reshape(len(z), -1)
-        candidates = np.where(inside, (first[cell][..., None] + place).reshape(len(z), -1), 0)
+        candidates, inside = _cell_candidates(z, shift, cells, n)
         w = _accept(z[:, None, :], position[candidates], quality[candidates], shift, radius)
         keep = inside & (w > 0)
         counts[start:start + len(z)] = keep.sum(1)
@@ -148,11 +159,11 @@ def _sparse_acceptance(position: np.ndarray, quality: np.ndarray, shift: np.ndar
     return np.concatenate([[0], np.cumsum(counts)]), cols, np.concatenate(vals)
 
 
-def _row_blocks(indptr: np.ndarray):
+def _row_blocks(indptr: np.ndarray, rows: int = CHUNK):
     """Blocks of consecutive CSR rows as (first row, end row, first entry, end entry): bounded temporaries."""
     n = len(indptr) - 1
-    for r0 in range(0, n, CHUNK):
-        r1 = min(n, r0 + CHUNK)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
         yield r0, r1, indptr[r0], indptr[r1]
 
 
@@ -200,7 +211,9 @@ def _solve_optimal(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray) -> tuple
 def _random_return(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray) -> float:
     """Exact expected return of uniformly random recommendations: V = u + 0.9/N W V + 0.8 (1 - u) Vbar, u = W 1 / N.
 
-    As for `_evaluate`, V = x + y Vbar; x and y are Neumann series in 0.9/N W, whose row sums are far below 1.
+    W/N (the CSR indptr, cols, w) holds the probabilities that a random recommendation at row i is accepted at item j:
+    w_ij / N for one item, `_random_slate_weights` / N for slates. As for `_evaluate`, V = x + y Vbar; x and y are
+    Neumann series in 0.9/N W, whose row sums (0.9 times the acceptance probability) are below 0.9.
     """
     n = len(indptr) - 1
     u = _segment(np.add, w, indptr, 0.0) / n
@@ -258,16 +271,384 @@ def recommender_world(n_items: int, dim: int, neighbours: float, world_seed: int
         rotation[2 * axis:2 * axis + 2, 2 * axis:2 * axis + 2] = ((c, -s), (s, c))
     embeddings = (features @ basis.T).astype(np.float32)
     next_item_map = basis[:, :4] @ rotation @ basis[:, :4].T
-    for array in (position, quality, embeddings, next_item_map, shift, values, policy):
+    for array in (position, quality, embeddings, next_item_map, shift, values, policy, item, basis):
         array.flags.writeable = False
     return RecommenderWorld(position, quality, embeddings, next_item_map, shift, radius, nonzeros, values, policy,
-                            random_return)
+                            random_return, cells, item, basis)
 
 
 def default_neighbours(n_items: int, variants: int = 1) -> float:
     """Recommender-v0's default mean number of acceptable items per item: 2% of the items, capped so that the W that
     is solved (over positions) holds at most 12 million non-zeros, and at least one position's variants."""
     return max(float(variants), min(n_items * DEFAULT_ACCEPTABLE_SHARE, MAX_DEFAULT_NONZEROS * variants ** 2 / n_items))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Slates (slate_size s > 1)
+#
+# The action is an ordered slate of s items. The user examines it from its first position: an examined item j is
+# accepted with probability w_ij, the first acceptance ends the examination, and after each declined position the user
+# goes on to the next with probability d (attention_decay) and otherwise stops looking. Position k (from 0) is thus
+# reached, before any acceptance, with probability attention[k] = d^k, and it is where an item is accepted with
+#     P_k = d^k w_{i a_k} prod_{l<k} (1 - w_{i a_l}).
+# An item repeated in a slate was examined and declined when it is reached again: it counts as w = 0 there and adds
+# nothing beyond its first position. Then the user moves and the episode ends as after the single-item env's
+# recommendation, accepted or not; a slate of one item repeated s times is that item recommended alone.
+#
+# The optimum. Under values V, a slate earns over a rejection sum_k P_k g_k, g_j = 1 + 0.9 V_j - 0.8 Vbar, positive for
+# every item (V_j >= 0.8 Vbar: a rejection is always possible). With x = w g and c = d (1 - w) per item this is
+#     x_1 + c_1 (x_2 + c_2 (x_3 + ...)),
+# and swapping the adjacent items a, b changes it by a non-negative multiple of x_a (1 - c_b) - x_b (1 - c_a): some
+# optimal slate lists its items by decreasing x / (1 - c). Items that cannot be accepted (w = 0, or repeated) only cost
+# attention. Which items is then a dynamic programme over the row's acceptable items in that order, the best tail with
+# m slots left after each of them: O(K s) for K acceptable items, never the K^s slates. Policy iteration with this
+# improvement, from the single-item optimum, gives the optimal values exactly: it stops where no slate improves on
+# values evaluated to a relative 1e-14 (1e-8 while over 1% of the slates change, as their values will change again).
+# Slates of fewer than s acceptable items are padded with their first item (adding nothing, as above). As an item's w
+# and V are those of its position, this is done for variants = 1 only.
+#
+# A uniformly random slate of s distinct items accepts item j at position k with probability
+#     (1/N) d^k w_ij E[prod over the other k items before it of (1 - w)],
+# and for a random k-subset of the N - 1 other items E[prod (1 - w)] = sum_t (-1)^t e_t(w without j) k_(t) / (N-1)_(t),
+# e_t the elementary symmetric polynomials of the row's non-zero w, (a)_(t) the falling factorials: exact in O(K s).
+#
+# Hidden users (hidden_user=True). Each item has one of HIDDEN_TOPICS = 4 topics, drawn uniformly and independently of
+# its position, and its embedding gains TOPIC_SPREAD = 1 along its topic's direction (orthonormal directions, orthogonal
+# to the torus features': dim >= 8). Each episode draws the user's interests, a preference vector u of one number per
+# topic, each uniform in [0, 1]; it multiplies the acceptance: w_ij u[topic j]. The user never accepts more than W
+# allows, and the acceptable items of an item mix topics, so that a policy that knows u picks among them by topic where
+# one that does not must probe for it. The agent sees what the user did (the slate, its clicks, the moving
+# average of the clicked embeddings), never u. The greedy oracle knows u and shows the s items of largest
+# w_ij u[topic j] in decreasing order: this maximises the immediate acceptance probability, sum_k P_k being
+# non-decreasing in each w and the order by w that of x / (1 - c) when g is constant. Its return and a random slate's
+# are Monte Carlo estimates (ORACLE_EPISODES episodes from ORACLE_SEED).
+# ---------------------------------------------------------------------------------------------------------------------
+
+ATTENTION_DECAY = 0.8  # default attention_decay: after a declined position the user looks at the next w.p. 0.8
+HISTORY_RATE = 0.3  # the weight of the newest clicked item in the observed moving average of clicked embeddings
+SLATE_BLOCK = 1 << 24  # bytes of a slate programme's choices (acceptable items x slate size x rows of W) at a time
+HIDDEN_TOPICS, TOPIC_SPREAD = 4, 1.0  # hidden users: the items' topics, and the length of a topic's direction
+ORACLE_EPISODES, ORACLE_SEED = 10_000, 0  # the Monte-Carlo estimates of hidden users' returns
+
+
+def _cascade(w: np.ndarray, decay: float) -> np.ndarray:
+    """P_k = d^k w_k prod_{l<k} (1 - w_l) along the last axis: the probability that position k's item is accepted."""
+    if w.shape[-1] == 1:  # the single-item env's step, at its speed
+        return w
+    reached = np.empty_like(w)
+    reached[..., 0] = 1.0
+    np.cumprod(decay * (1.0 - w[..., :-1]), axis=-1, out=reached[..., 1:])
+    return w * reached
+
+
+def _repeats(slates: np.ndarray) -> np.ndarray:
+    """True where a slate (last axis) holds an item already shown at an earlier position."""
+    same = slates[..., :, None] == slates[..., None, :]
+    return np.tril(same, -1).any(-1)
+
+
+def _slate_acceptance(world: RecommenderWorld, items: np.ndarray, slates: np.ndarray, decay: float,
+                      interest: np.ndarray | None = None) -> np.ndarray:
+    """P (..., s): the probability that each position of the slates (..., s) is accepted by users viewing items (...),
+    `interest` (..., s) multiplying w where users are hidden."""
+    w = _accept(world.position[items][..., None, :], world.position[slates], world.quality[slates], world.shift,
+                world.radius)
+    if interest is not None:
+        w = w * interest
+    if slates.shape[-1] > 1:
+        w = np.where(_repeats(slates), 0.0, w)
+    return _cascade(w, decay)
+
+
+def _padding(local_indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where each entry of a block of CSR rows goes in a (rows, width) array: its row, its column, and the width."""
+    counts = np.diff(local_indptr)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    return rows, np.arange(local_indptr[-1]) - local_indptr[:-1][rows], int(counts.max(initial=0))
+
+
+def _padded(values: np.ndarray, fill, rows: np.ndarray, columns: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """CSR entries `values` placed at (rows, columns) of an array of `shape` filled with `fill` elsewhere."""
+    out = np.full(shape, fill, values.dtype)
+    out[rows, columns] = values
+    return out
+
+
+def _slate_blocks(indptr: np.ndarray, slate_size: int):
+    """`_row_blocks` of as many rows as keep a slate programme's choices within SLATE_BLOCK bytes."""
+    longest = int(np.diff(indptr).max(initial=1))
+    return _row_blocks(indptr, max(1, SLATE_BLOCK // (longest * slate_size)))
+
+
+def _slate_programme(x: np.ndarray, carry: np.ndarray, slate_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best x_1 + c_1 (x_2 + c_2 (...)) over subsequences of at most `slate_size` of the candidates (K, R), in
+    their order, for each of R rows: its value (R,) and take[t, m - 1] (K, s, R), whether the best tail from candidate
+    t on with m slots left starts with t."""
+    tail = np.zeros((slate_size + 1, x.shape[1]))  # tail[m]: the best tail after the candidates seen, m slots left
+    take = np.empty((len(x), slate_size, x.shape[1]), bool)
+    for t in range(len(x) - 1, -1, -1):
+        with_t = x[t] + carry[t] * tail[:-1]
+        take[t] = with_t > tail[1:]  # strictly: an item that adds nothing is left out
+        np.maximum(tail[1:], with_t, out=tail[1:])
+    return tail[slate_size], take
+
+
+def _read_slates(take: np.ndarray, candidates: np.ndarray, accept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The slates (R, s) that `_slate_programme` found, -1 after their last item, and their items' w (0 there)."""
+    slate_size, n_rows = take.shape[1], take.shape[2]
+    rows, left = np.arange(n_rows), np.full(n_rows, slate_size)
+    slates, w = np.full((n_rows, slate_size), -1), np.zeros((n_rows, slate_size))
+    for t in range(len(take)):
+        took = (left > 0) & take[t, np.maximum(left - 1, 0), rows]
+        at = (rows[took], slate_size - left[took])
+        slates[at], w[at] = candidates[t, took], accept[t, took]
+        left -= took
+    return slates, w
+
+
+def _best_slates(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, values: np.ndarray, slate_size: int,
+                 decay: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row i: the largest gain over a rejection of any slate, max sum_k P_k g_k, a slate that attains it
+    (padded with its first item, or with i where nothing is acceptable) and its items' w_ij (0 for the padding)."""
+    n, mean_value = len(indptr) - 1, values.mean()
+    best, slates, accept = np.zeros(n), np.empty((n, slate_size), np.int64), np.zeros((n, slate_size))
+    for r0, r1, e0, e1 in _slate_blocks(indptr, slate_size):
+        rows, columns, width = _padding(indptr[r0:r1 + 1] - e0)
+        x = _gain(w[e0:e1], values[cols[e0:e1]], mean_value)
+        index = _padded(x / (1.0 - decay * (1.0 - w[e0:e1])), -1.0, rows, columns, (r1 - r0, width))
+        entry = _padded(np.arange(e0, e1), e1, rows, columns, (r1 - r0, width))  # e1: padding
+        order = np.argsort(-index, axis=1)  # by decreasing x / (1 - c)
+        entry = np.ascontiguousarray(np.take_along_axis(entry, order, 1).T)  # (K, R): candidate by candidate
+        inside = entry < e1
+        entry = np.where(inside, entry, e0)
+        p, x = np.where(inside, w[entry], 0.0), np.where(inside, x[entry - e0], 0.0)
+        best[r0:r1], take = _slate_programme(x, decay * (1.0 - p), slate_size)
+        chosen, accept[r0:r1] = _read_slates(take, np.where(inside, cols[entry], -1), p)
+        first = np.where(chosen[:, 0] >= 0, chosen[:, 0], np.arange(r0, r1))
+        slates[r0:r1] = np.where(chosen >= 0, chosen, first[:, None])
+    return best, slates, accept
+
+
+def _evaluate_slates(slates: np.ndarray, probs: np.ndarray, start: np.ndarray | None = None,
+                     tolerance: float = 1e-14) -> tuple[np.ndarray, np.ndarray]:
+    """Expected returns (N,) of the policy showing slates[i] (N, s) at item i, accepted at position k w.p. probs[i, k].
+
+    As for `_evaluate`, V = x + y Vbar, with x = A + 0.9 P x and y = 0.8 (1 - A) + 0.9 P y (A the total acceptance):
+    Jacobi iterations from `start` (2, N), previous x and y, until a step changes them by at most `tolerance`
+    relatively. Returns V and the (x, y) reached, to start the next evaluation from.
+    """
+    total = probs.sum(1)
+    x0, y0 = total, REJECT_CONTINUE * (1.0 - total)
+    x, y = (x0.copy(), y0.copy()) if start is None else start
+    weights = ACCEPT_CONTINUE * probs
+    while True:
+        x_next = x0 + np.einsum("ns,ns->n", weights, x[slates])  # einsum: several times faster than a sum over s
+        y_next = y0 + np.einsum("ns,ns->n", weights, y[slates])
+        step = max(np.abs(x_next - x).max(), np.abs(y_next - y).max())
+        x, y = x_next, y_next
+        if step <= tolerance * max(np.abs(x).max(), np.abs(y).max()):
+            return x + y * (x.mean() / (1.0 - y.mean())), np.stack([x, y])
+
+
+def _solve_slates(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, values: np.ndarray, policy: np.ndarray,
+                  slate_size: int, decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """Policy iteration over slates from the single-item optimum (`values`, `policy`, w of W in the row order):
+    the optimal values and an optimal slate per row."""
+    n = len(indptr) - 1
+    slates = np.repeat(policy[:, None], slate_size, 1)
+    accept = np.zeros((n, slate_size))
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    chosen = cols == policy[rows]
+    accept[rows[chosen], 0] = w[chosen]
+    xy, exact = None, True  # the single-item optimum's values are exact
+    while True:
+        best, better, better_accept = _best_slates(indptr, cols, w, values, slate_size, decay)
+        current = (_cascade(accept, decay) * _gain(1.0, values[slates], values.mean())).sum(1)
+        improve = best > current + 1e-12 * (1.0 + np.abs(current))  # strict, so that ties cannot cycle
+        if not improve.any() and exact:
+            return values, slates
+        slates[improve], accept[improve] = better[improve], better_accept[improve]
+        # while many rows change, their values are about to change again: a relative 1e-8 is enough to improve on
+        exact = improve.mean() < 0.01
+        values, xy = _evaluate_slates(slates, _cascade(accept, decay), xy, 1e-14 if exact else 1e-8)
+
+
+def _random_slate_weights(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, slate_size: int,
+                          decay: float) -> np.ndarray:
+    """N times the probability that a uniformly random slate of distinct items shown at row i is accepted at item j,
+    for each non-zero w_ij: w_ij sum_t (-1)^t e_t(row i's w without j) sum_{k>=t} d^k k_(t) / (N-1)_(t)."""
+    n = len(indptr) - 1
+    k = np.arange(slate_size)
+    falling = np.ones((slate_size, slate_size))  # falling[t, k] = k_(t) / (N-1)_(t)
+    for t in range(1, slate_size):
+        falling[t] = falling[t - 1] * np.maximum(k - t + 1, 0) / (n - t)
+    coefficient = (falling * decay ** k).sum(1) * (-1.0) ** np.arange(slate_size)
+    out = np.empty_like(w)
+    for r0, r1, e0, e1 in _slate_blocks(indptr, slate_size):
+        rows, columns, width = _padding(indptr[r0:r1 + 1] - e0)
+        p = _padded(w[e0:e1], 0.0, rows, columns, (r1 - r0, width))
+        symmetric = np.zeros((slate_size, r1 - r0))  # e_t of each row's w
+        symmetric[0] = 1.0
+        for column in p.T:
+            symmetric[1:] = symmetric[1:] + column * symmetric[:-1]
+        without = np.ones_like(p)  # e_t of the row's w without the entry: e_t - w e_{t-1}(without)
+        weight = coefficient[0] * without
+        for t in range(1, slate_size):
+            without = symmetric[t][:, None] - p * without
+            weight += coefficient[t] * without
+        out[e0:e1] = (p * weight)[rows, columns]
+    return out
+
+
+def _slots(world: RecommenderWorld) -> np.ndarray:
+    """The slot of each item (the inverse of world.slot_items)."""
+    slot = np.empty_like(world.slot_items)
+    slot[world.slot_items] = np.arange(len(slot))
+    return slot
+
+
+def _slot_acceptance(world: RecommenderWorld) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W over slots as CSR, as the world solved it (one variant per position): rebuilt rather than kept by the world,
+    whose other uses do not need its memory."""
+    items = world.slot_items
+    return _sparse_acceptance(world.position[items], world.quality[items], world.shift, world.radius, world.cells)
+
+
+@dataclass(frozen=True)
+class SlateSolution:
+    """The exact solution of Recommender-v0 with slates (arrays read-only)."""
+    values: np.ndarray           # (N,) optimal expected return from each item
+    optimal_slates: np.ndarray   # (N, s) an optimal slate at each item
+    random_return: float         # expected return of uniformly random slates of distinct items
+
+
+@functools.lru_cache(maxsize=2)
+def slate_solution(n_items: int, dim: int, neighbours: float, world_seed: int, slate_size: int,
+                   decay: float) -> SlateSolution:
+    """Solve the slate MDP of a world of one variant per position (checked arguments: see RecommenderEnv)."""
+    world = recommender_world(n_items, dim, neighbours, world_seed, 1)  # as the env asks, to share the cached world
+    slot_items, slot, (indptr, cols, w) = world.slot_items, _slots(world), _slot_acceptance(world)
+    values, slates = _solve_slates(indptr, cols, w, world.values[slot_items], slot[world.optimal_actions[slot_items]],
+                                   slate_size, decay)
+    random_return = _random_return(indptr, cols, _random_slate_weights(indptr, cols, w, slate_size, decay))
+    values, slates = values[slot], slot_items[slates[slot]]
+    for array in (values, slates):
+        array.flags.writeable = False
+    return SlateSolution(values, slates, random_return)
+
+
+@dataclass(frozen=True)
+class HiddenTopics:
+    """The items' topics for hidden users (arrays read-only)."""
+    topic: np.ndarray       # (N,) each item's topic
+    embeddings: np.ndarray  # (N, d) float32: the world's embeddings plus TOPIC_SPREAD along the topic's direction
+
+
+@functools.lru_cache(maxsize=2)
+def hidden_topics(n_items: int, dim: int, neighbours: float, world_seed: int) -> HiddenTopics:
+    """Topics and embeddings of a world of one variant per position, from a random stream of their own (the world
+    stays the one without hidden users). Checked arguments: see RecommenderEnv."""
+    world = recommender_world(n_items, dim, neighbours, world_seed, 1)  # as the env asks, to share the cached world
+    rng = np.random.default_rng([world_seed, 1])
+    topic = rng.integers(HIDDEN_TOPICS, size=n_items)
+    complete = np.linalg.qr(np.concatenate([world.basis, rng.standard_normal((dim, HIDDEN_TOPICS))], 1))[0]
+    directions = complete[:, world.basis.shape[1]:].T  # (topics, d), orthogonal to the features' directions
+    embeddings = (world.embeddings + TOPIC_SPREAD * directions[topic]).astype(np.float32)
+    for array in (topic, embeddings):
+        array.flags.writeable = False
+    return HiddenTopics(topic, embeddings)
+
+
+def _draw_users(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Hidden users' interests (count, HIDDEN_TOPICS): a preference for each topic, uniform in [0, 1]."""
+    return rng.random((count, HIDDEN_TOPICS))
+
+
+def _interest(users: np.ndarray, topic: np.ndarray, slates: np.ndarray) -> np.ndarray:
+    """u[topic j] (B, s) for users (B, topics) shown slates (B, s)."""
+    return np.take_along_axis(users, topic[slates], axis=1)
+
+
+def _cell_acceptable(world: RecommenderWorld, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The items of the 3 x 3 cells that hold every item acceptable from items (B,), and their w (B, K >= width); the
+    viewed item itself (never accepted) fills what the cells lack."""
+    slots, inside = _cell_candidates(world.position[items], world.shift, world.cells, len(world.position))
+    candidates = np.where(inside, world.slot_items[slots], items[:, None])
+    if candidates.shape[1] < width:
+        candidates = np.concatenate([candidates, np.repeat(items[:, None], width - candidates.shape[1], 1)], 1)
+    return candidates, _accept(world.position[items][:, None, :], world.position[candidates],
+                               world.quality[candidates], world.shift, world.radius)
+
+
+def _row_acceptable(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, rows: np.ndarray, items: np.ndarray,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+    """As `_cell_acceptable`, from the rows of a CSR W whose cols hold item numbers: the acceptable items only."""
+    counts = indptr[rows + 1] - indptr[rows]
+    place = np.arange(max(width, int(counts.max(initial=0))))
+    inside = place < counts[:, None]
+    entries = np.where(inside, indptr[rows][:, None] + place, 0)
+    return np.where(inside, cols[entries], items[:, None]), np.where(inside, w[entries], 0.0)
+
+
+def _oracle_slates(candidates: np.ndarray, w: np.ndarray, users: np.ndarray, topic: np.ndarray,
+                   slate_size: int) -> np.ndarray:
+    """The greedy oracle's slates (B, s) for users (B, topics): of each row's candidate items (B, K >= s) with
+    acceptance w, the s of largest w u[topic], in decreasing order."""
+    score = w * _interest(users, topic, candidates)
+    top = np.argpartition(-score, slate_size - 1, axis=1)[:, :slate_size]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 1), axis=1, kind="stable"), 1)
+    return np.take_along_axis(candidates, top, 1)
+
+
+def _random_slates(rng: np.random.Generator, n_items: int, count: int, slate_size: int) -> np.ndarray:
+    """`count` uniformly random slates of distinct items: Floyd's sampling of a set, then a random order."""
+    slates = np.empty((count, slate_size), np.int64)
+    for k, top in enumerate(range(n_items - slate_size, n_items)):
+        pick = rng.integers(top + 1, size=count)
+        slates[:, k] = np.where((slates[:, :k] == pick[:, None]).any(1), top, pick)
+    return rng.permuted(slates, axis=1)
+
+
+def _hidden_user_returns(world: RecommenderWorld, topic: np.ndarray, slate_size: int, decay: float, choose,
+                         episodes: int, rng: np.random.Generator) -> np.ndarray:
+    """Returns of `episodes` episodes with hidden users, all stepped together; choose(items, users) gives the slates."""
+    n = len(world.position)
+    items, users = rng.integers(n, size=episodes), _draw_users(rng, episodes)
+    totals, alive = np.zeros(episodes), np.arange(episodes)
+    while alive.size:
+        slates = choose(items[alive], users[alive])
+        interest = _interest(users[alive], topic, slates)
+        cumulative = np.cumsum(_slate_acceptance(world, items[alive], slates, decay, interest), axis=1)
+        slot = (cumulative <= rng.random(len(alive))[:, None]).sum(1)  # the first position above the draw
+        accepted = slot < slate_size
+        moved = rng.integers(n, size=len(alive))  # drawn for every episode, used where nothing is accepted
+        items[alive] = np.where(accepted, slates[np.arange(len(alive)), np.minimum(slot, slate_size - 1)], moved)
+        totals[alive] += accepted
+        alive = alive[rng.random(len(alive)) < np.where(accepted, ACCEPT_CONTINUE, REJECT_CONTINUE)]
+    return totals
+
+
+@functools.lru_cache(maxsize=2)
+def hidden_user_returns(n_items: int, dim: int, neighbours: float, world_seed: int, slate_size: int,
+                        decay: float) -> tuple[float, float, float, float]:
+    """Monte-Carlo returns with hidden users (ORACLE_EPISODES each, from ORACLE_SEED): the greedy oracle's mean and
+    standard error, then a uniformly random slate's (checked arguments: see RecommenderEnv)."""
+    world = recommender_world(n_items, dim, neighbours, world_seed, 1)  # as the env asks, to share the cached world
+    topic = hidden_topics(n_items, dim, neighbours, world_seed).topic
+    slot, (indptr, cols, w) = _slots(world), _slot_acceptance(world)
+    cols = world.slot_items[cols]
+
+    def oracle_slates(items: np.ndarray, users: np.ndarray) -> np.ndarray:
+        return _oracle_slates(*_row_acceptable(indptr, cols, w, slot[items], items, slate_size), users, topic,
+                              slate_size)
+
+    rng = np.random.default_rng(ORACLE_SEED)
+    oracle = _hidden_user_returns(world, topic, slate_size, decay, oracle_slates, ORACLE_EPISODES, rng)
+    random = _hidden_user_returns(world, topic, slate_size, decay,
+                                  lambda items, users: _random_slates(rng, n_items, len(items), slate_size),
+                                  ORACLE_EPISODES, rng)
+    return tuple(float(f(r)) for r in (oracle, random)
+                 for f in (np.mean, lambda r: r.std(ddof=1) / math.sqrt(len(r))))
 
 
 class RecommenderEnv(gym.Env):
@@ -279,35 +660,98 @@ class RecommenderEnv(gym.Env):
     uniformly random item. `action_embeddings` (n_items x dim, float32) are the items' embeddings; `optimal_return`
     and `random_return` are exact expected returns from the start; `optimal_actions[i]` is optimal from item i.
 
-    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4, at least 5 with variants; default 8),
-    neighbours (mean number of items a user at any item may accept; default `default_neighbours(n_items, variants)`,
-    200 at 10,000 items and 12 at a million, 20,000 at a million in 100 variants), variants (items per position,
-    variants of one product that differ in appeal; default 1), world_seed (the items and W; default 0).
+    Slates (slate_size s > 1): the action is an ordered slate of s items, MultiDiscrete([n_items] * s). The user
+    examines it in order, goes on past a declined position with probability attention_decay, and accepts at most one
+    item; a repeated item counts as declined (see "Slates" above). Reward 1 if an item is accepted, and the user moves
+    to it; otherwise as after a rejection. info["slot"] is the accepted position, -1 for none. `optimal_return` is the
+    optimal slate policy's exact return, `optimal_actions` (n_items, s) its slates, `random_return` that of uniformly
+    random slates of distinct items, and `best_single_item_return` the single-item optimum: the best return of slates
+    whose first item only counts (the first position is always examined), as the env with slate_size 1 has.
+
+    Observations: observation="box" (the default) is the viewed item's embedding; "dict" is a Dict of "item" (that
+    embedding), "slate" (s x dim, the last slate's embeddings), "clicks" (MultiBinary(s), its accepted position) and
+    "history" (the moving average of the clicked items' embeddings, weight HISTORY_RATE = 0.3 to the newest); the last
+    three are zeros until there is a slate or a click.
+
+    Hidden users (hidden_user=True; observation "dict" unless given): items have topics, which their embeddings show
+    (`action_embeddings` are then `topics.embeddings`, `topics.topic` the topics), and each episode draws a user whose
+    hidden interest in each topic multiplies w (see "Hidden users" above). The optimum is unknown: there is no
+    optimal_return, optimal_actions or best_single_item_return. `greedy_oracle_return`, the return of the greedy
+    policy that knows the user (the slate of largest immediate acceptance probability), and `random_return` (uniformly
+    random slates of distinct items) are Monte-Carlo means over ORACLE_EPISODES = 10,000 episodes from seed
+    ORACLE_SEED = 0, with standard errors `greedy_oracle_stderr` and `random_stderr`; `oracle_slate()` is the
+    oracle's action now. `accept_probability`, `recommendation_gain` and `policy_return` describe the world without
+    hidden interests.
+
+    Keywords: n_items (default 10,000), dim (embedding dimensions, at least 4, at least 5 with variants and 8 with
+    hidden users; default 8), neighbours (mean number of items a user at any item may accept; default
+    `default_neighbours(n_items, variants)`, 200 at 10,000 items and 12 at a million, 20,000 at a million in 100
+    variants), variants (items per position, variants of one product that differ in appeal; default 1), world_seed
+    (the items and W; default 0), slate_size (1 to n_items, default 1; above 1 with variants 1 only), attention_decay
+    (0 to 1, default ATTENTION_DECAY = 0.8), observation ("box" or "dict"), hidden_user (default False; with variants
+    1 only).
     """
     metadata = {"render_modes": []}
 
     def __init__(self, n_items: int = 10000, dim: int = 8, neighbours: float | None = None, world_seed: int = 0,
-                 variants: int = 1):
+                 variants: int = 1, slate_size: int = 1, attention_decay: float = ATTENTION_DECAY,
+                 observation: str | None = None, hidden_user: bool = False):
         n_items = _check_int("n_items", n_items, 2)
         variants = _check_int("variants", variants, 1, n_items // 2)
         if n_items % variants:
             raise ValueError(f"n_items must be a multiple of variants (got {n_items} and {variants})")
-        dim = _check_int("dim", dim, 5 if variants > 1 else 4)
+        if not isinstance(hidden_user, (bool, np.bool_)):
+            raise ValueError(f"hidden_user must be True or False (got {hidden_user!r})")
+        self.hidden_user = bool(hidden_user)
+        dim = _check_int("dim", dim, 5 if variants > 1 else 4 + HIDDEN_TOPICS if self.hidden_user else 4)
         neighbours = default_neighbours(n_items, variants) if neighbours is None else neighbours
         # at least one position's variants; at most pi n / 10 keeps the acceptance radius below a third of the torus
         # (3 x 3 distinct cells, |s| > r)
         neighbours = _check_float("neighbours", neighbours, variants, math.pi * n_items / 10)
         world_seed = _check_int("world_seed", world_seed, 0)
+        self.slate_size = _check_int("slate_size", slate_size, 1, n_items)
+        self.attention_decay = _check_float("attention_decay", attention_decay, 0.0, 1.0)
+        for name, used in (("slate_size", self.slate_size > 1), ("hidden_user", self.hidden_user)):
+            if used and variants > 1:  # both work item by item, where W and V are kept per position
+                raise ValueError(f"{name} other than its default needs variants = 1 (got {variants} variants)")
+        self.observation = ("dict" if self.hidden_user else "box") if observation is None else observation
+        if self.observation not in ("box", "dict"):
+            raise ValueError(f"observation must be 'box' or 'dict' (got {observation!r})")
         self.world = recommender_world(n_items, dim, neighbours, world_seed, variants)
         self.n_items = n_items
         self.action_embeddings = self.world.embeddings
-        self.optimal_return = float(self.world.values.mean())
-        self.random_return = self.world.random_return
-        self.optimal_actions = self.world.optimal_actions
-        bound = np.abs(self.world.embeddings).max(0)
-        self.observation_space = gym.spaces.Box(-bound, bound, (dim,), np.float32)
-        self.action_space = gym.spaces.Discrete(n_items)
-        self.item = 0
+        key = (n_items, dim, neighbours, world_seed, self.slate_size, self.attention_decay)
+        if self.hidden_user:
+            self.topics = hidden_topics(*key[:4])
+            self.action_embeddings = self.topics.embeddings
+            self.greedy_oracle_return, self.greedy_oracle_stderr, self.random_return, self.random_stderr = \
+                hidden_user_returns(*key)
+        elif self.slate_size > 1:
+            solution = slate_solution(*key)
+            self.optimal_return = float(solution.values.mean())
+            self.random_return = solution.random_return
+            self.optimal_actions = solution.optimal_slates
+            self.best_single_item_return = float(self.world.values.mean())
+        else:
+            self.optimal_return = self.best_single_item_return = float(self.world.values.mean())
+            self.random_return = self.world.random_return
+            self.optimal_actions = self.world.optimal_actions
+        self.observation_space = self._observation_space()
+        self.action_space = gym.spaces.Discrete(n_items) if self.slate_size == 1 else \
+            gym.spaces.MultiDiscrete([n_items] * self.slate_size)
+        self.item, self.user = 0, None
+        self._forget()
+
+    def _observation_space(self) -> gym.spaces.Space:
+        """The viewed item's embedding as a Box, or the Dict of the class docstring."""
+        bound = np.abs(self.action_embeddings).max(0)
+        item = gym.spaces.Box(-bound, bound, bound.shape, np.float32)
+        if self.observation == "box":
+            return item
+        slate_bound = np.broadcast_to(bound, (self.slate_size, len(bound)))
+        return gym.spaces.Dict({"item": item, "slate": gym.spaces.Box(-slate_bound, slate_bound, dtype=np.float32),
+                                "clicks": gym.spaces.MultiBinary(self.slate_size),
+                                "history": gym.spaces.Box(-bound, bound, bound.shape, np.float32)})  # convex: inside
 
     def accept_probability(self, items: np.ndarray, recommended: np.ndarray) -> np.ndarray:
         """w_ij of recommending `recommended` to users viewing `items` (arrays of item numbers; broadcasts)."""
@@ -322,24 +766,85 @@ class RecommenderEnv(gym.Env):
         return _gain(self.accept_probability(items, recommended), values[recommended], values.mean())
 
     def policy_return(self, actions: np.ndarray) -> float:
-        """Exact expected return from the start of the deterministic policy that recommends actions[i] at item i."""
+        """Exact expected return from the start of the deterministic policy that recommends actions[i] at item i:
+        an item (actions of shape (n_items,)) or a slate (shape (n_items, s), shown with this env's attention_decay).
+        """
         actions = np.asarray(actions, np.int64)
+        if actions.ndim == 2:
+            return float(_evaluate_slates(actions, _slate_acceptance(self.world, np.arange(self.n_items), actions,
+                                                                     self.attention_decay))[0].mean())
         return float(_evaluate(actions, self.accept_probability(np.arange(self.n_items), actions)).mean())
+
+    def oracle_slate(self):
+        """The greedy oracle's action for the current hidden user and item (hidden_user=True only)."""
+        if self.user is None:
+            raise ValueError("oracle_slate needs hidden_user=True and a reset")
+        candidates, w = _cell_acceptable(self.world, np.array([self.item]), self.slate_size)
+        slate = _oracle_slates(candidates, w, self.user[None], self.topics.topic, self.slate_size)[0]
+        return int(slate[0]) if self.slate_size == 1 else slate
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.item = int(self.np_random.integers(self.n_items))
-        return self.world.embeddings[self.item].copy(), {"item": self.item}
+        if self.hidden_user:
+            self.user = _draw_users(self.np_random, 1)[0]
+        self._forget()
+        return self._observe(), {"item": self.item}
 
     def step(self, action):
-        j = int(action)
-        if not 0 <= j < self.n_items:
-            raise ValueError(f"item {j} is outside 0..{self.n_items - 1}")
-        accepted = bool(self.np_random.random() < self.accept_probability(self.item, j))
-        self.item = j if accepted else int(self.np_random.integers(self.n_items))
+        slate = self._slate(action)
+        interest = None if self.user is None else self.user[self.topics.topic[slate]]
+        probabilities = _slate_acceptance(self.world, self.item, slate, self.attention_decay, interest)
+        draw = self.np_random.random()
+        # the first position whose cumulative probability exceeds the draw, slate_size for none (one: a comparison)
+        slot = int(draw >= probabilities[0]) if self.slate_size == 1 else \
+            int(np.searchsorted(np.cumsum(probabilities), draw, side="right"))
+        accepted = slot < self.slate_size
+        self.item = int(slate[slot]) if accepted else int(self.np_random.integers(self.n_items))
         ends = self.np_random.random() >= (ACCEPT_CONTINUE if accepted else REJECT_CONTINUE)
-        return self.world.embeddings[self.item].copy(), float(accepted), bool(ends), False, \
-            {"item": self.item, "accepted": accepted}
+        self._remember(slate, slot)
+        info = {"item": self.item, "accepted": accepted}
+        if self.slate_size > 1:
+            info["slot"] = slot if accepted else -1
+        return self._observe(), float(accepted), bool(ends), False, info
+
+    def _slate(self, action) -> np.ndarray:
+        """The action as an array of item numbers; a ValueError if it is not in the action space."""
+        if self.slate_size == 1:
+            j = int(action)
+            if not 0 <= j < self.n_items:
+                raise ValueError(f"item {j} is outside 0..{self.n_items - 1}")
+            return np.array([j])
+        slate = np.asarray(action)
+        if slate.shape != (self.slate_size,) or not np.issubdtype(slate.dtype, np.integer) or \
+                slate.min() < 0 or slate.max() >= self.n_items:
+            raise ValueError(f"{action!r} is not a slate of {self.slate_size} items in 0..{self.n_items - 1}")
+        return slate.astype(np.int64)
+
+    def _forget(self) -> None:
+        """No slate shown and nothing clicked yet (the dict observation's zeros)."""
+        self.last_slate = None
+        self.clicks = np.zeros(self.slate_size, np.int8)
+        self.history = np.zeros(self.action_embeddings.shape[1], np.float32)
+
+    def _remember(self, slate: np.ndarray, slot: int) -> None:
+        """The slate just shown and its click (slot == slate_size for none), for the dict observation."""
+        if self.observation == "box":
+            return
+        self.last_slate, self.clicks = slate, np.zeros(self.slate_size, np.int8)
+        if slot < self.slate_size:
+            self.clicks[slot] = 1
+            self.history = (1 - HISTORY_RATE) * self.history + HISTORY_RATE * self.action_embeddings[self.item]
+
+    def _observe(self):
+        """The observation now, in the layout of `observation_space`."""
+        embeddings = self.action_embeddings
+        if self.observation == "box":
+            return embeddings[self.item].copy()
+        slate = np.zeros((self.slate_size, embeddings.shape[1]), np.float32) if self.last_slate is None else \
+            embeddings[self.last_slate]
+        return {"item": embeddings[self.item].copy(), "slate": slate, "clicks": self.clicks.copy(),
+                "history": self.history.copy()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -484,16 +989,18 @@ for _id, _env in (("Recommender-v0", RecommenderEnv), ("Configurator-v0", Config
         gym.register(_id, entry_point=_env)
 
 
-if __name__ == "__main__":  # python envs.py [N [V]]: build time and peak memory of Recommender-v0, N items, V variants
+# python envs.py [N [V [S]]]: build time and peak memory of Recommender-v0, N items, V variants, slates of S items
+if __name__ == "__main__":
     import resource
     import sys
     import time
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     variants = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    slate_size = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-    env = gym.make("Recommender-v0", n_items=n, variants=variants).unwrapped
+    env = gym.make("Recommender-v0", n_items=n, variants=variants, slate_size=slate_size).unwrapped
     seconds, peak = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"Recommender-v0, {n} items in {variants} variants: built in {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB "
-          f"({before / 1024:.0f} MB before), {env.world.nonzeros} non-zeros in W; "
-          f"optimal return {env.optimal_return:.4f}, random {env.random_return:.3g}")
+    print(f"Recommender-v0, {n} items in {variants} variants, slates of {slate_size}: built in {seconds:.1f} s, peak RSS "
+          f"{peak / 1024:.0f} MB ({before / 1024:.0f} MB before), {env.world.nonzeros} non-zeros in W; optimal return "
+          f"{env.optimal_return:.4f}, random {env.random_return:.3g}, best single item {env.best_single_item_return:.4f}")
