@@ -180,10 +180,20 @@ def in_flags(error: OptionError) -> str:
     return f"{option(error.name)} {error.problem}" if error.name in Options.names() else str(error)
 
 
-def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> int:
-    """Validate, build and run the chosen mode; returns the exit status."""
+def check_args(args: argparse.Namespace) -> None:
+    """Every check of the parsed arguments that needs no env and builds nothing (the numeric ranges, --env-kwargs,
+    the options' values and choices); UsageError naming the first bad flag. sweep.py runs it on each trial's flags."""
+    validate(args)
     try:
-        validate(args)
+        Options.checked(**options_of(args))
+    except OptionError as e:
+        raise UsageError(in_flags(e)) from None
+
+
+def run(args: argparse.Namespace, given: set[str], stop: StopRequest | None) -> int:
+    """Check, build and run the chosen mode; returns the exit status."""
+    try:
+        check_args(args)
         if args.mode == "plot":
             plot(args)
             return 0
