@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,19 @@ def trial_argv(opts: argparse.Namespace, flags: list[tuple[str, str]], seed: int
     return ["--env", opts.env, "--max-episode", str(opts.episodes), "--seed", str(seed), *grid, *opts.main_flags]
 
 
+def refuse(message: str) -> None:
+    """argparse's complaint about a trial's flags as a UsageError: one line, instead of its usage text and exit."""
+    raise UsageError(message)
+
+
 def check(opts: argparse.Namespace) -> list[list[tuple[str, str]]]:
-    """The configurations; raises UsageError for anything main.py or the sweep would refuse."""
-    import main
+    """The configurations; raises UsageError for anything main.py or the sweep would refuse. Each trial's flags
+    pass main.py's own checks here, so that a bad one stops the sweep before Ray starts or anything is written."""
+    with warnings.catch_warnings():
+        # main.py's settings for numpy come too late for this process, which does no numerical work; its trials
+        # run main.py in processes of their own, which get them in time
+        warnings.filterwarnings("ignore", "OPENBLAS_NUM_THREADS")
+        import main
     if opts.seeds < 1 or opts.episodes < 1 or opts.test_episodes < 0:
         raise UsageError("--seeds and --episodes must be at least 1, --test-episodes at least 0")
     if opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
@@ -94,11 +105,14 @@ def check(opts: argparse.Namespace) -> list[list[tuple[str, str]]]:
     for flag in [word for word in opts.main_flags if word.startswith("--")] + [f"--{f}" for f, _ in configs[0]]:
         if flag.split("=")[0] in OWN_FLAGS:
             raise UsageError(f"{flag} is set by the sweep for each trial (see --env, --seeds, --episodes, --output)")
+    parser = main.build_parser()
+    parser.error = refuse
     for flags in configs:
+        args = parser.parse_args(trial_argv(opts, flags, 1))
         try:
-            main.parse_args(trial_argv(opts, flags, 1))
-        except SystemExit:  # argparse has printed what it refused
-            raise UsageError(f"main.py refuses the flags of configuration {config_name(flags)}") from None
+            main.check_args(args)
+        except main.UsageError as e:
+            raise UsageError(e) from None
     return configs
 
 

@@ -4,9 +4,11 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from util import read_metrics
 
@@ -56,3 +58,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert not (tmp_path / "sweep").exists()
     result = run_sweep("--output", tmp_path / "nothing", "--resume")
     assert result.returncode == 2 and "no sweep to resume" in result.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--grid", "gamma=0.9,1.5"], "error: --gamma must be in [0, 1] (got 1.5)"),
+    (["--grid", "knn=exact,nope"], "error: argument --knn: invalid choice: 'nope'"),
+    (["--", "--env-kwargs", "oops"], "error: --env-kwargs 'oops': expected KEY=VALUE with each KEY a distinct name"),
+])
+def test_a_trial_that_main_py_refuses_is_refused_before_ray_starts(tmp_path, args, line):
+    """Every trial's flags pass main.py's own checks first: its one-line error, exit 2, nothing written."""
+    start = time.monotonic()
+    result = run_sweep("--env", "CartPole-v1", "--seeds", 1, "--episodes", 2, "--output", tmp_path / "sweep", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(line), result.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()
+    assert time.monotonic() - start < 20  # well under Ray's start on a busy machine: Ray was not started
