@@ -26,10 +26,9 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from wolpertinger import (ADDED, REFERENCE, RESUME_MAY_CHANGE, OptionError, Options, Range,  # noqa: E402
+from wolpertinger import (ADDED, REFERENCE, RESUME_MAY_CHANGE, RUN_CONTROL, OptionError, Options, Range,  # noqa: E402
                           StopRequest, Stopped, TrainingFailed, Wolpertinger, parse_env_kwarg, saved_options)
 
-RUN_CONTROL = "run control"
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -48,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             group.add_argument(flag, type=TYPES[f.type], default=f.default, choices=meta["choices"] or None,
                                metavar="FILE.npy" if f.name == "action_embeddings" else None, help=meta["help"])
-    run = groups[RUN_CONTROL]
-    run.add_argument("--mode", default="train", choices=("train", "test", "plot"), help="train, test or plot runs")
-    run.add_argument("--max-episode", type=int, default=200000, help="episodes to train")
-    run.add_argument("--test-episode", type=int, default=1000, help="episodes in test mode")
-    run.add_argument("--load", action="store_true", help="continue training from --load-model-dir")
-    run.add_argument("--load-model-dir", nargs="*", default=[], help="run folder(s) to load (several for --mode plot)")
+    reference, run = groups[REFERENCE], groups[RUN_CONTROL]
+    reference.add_argument("--mode", default="train", choices=("train", "test", "plot"), help="train, test or plot runs")
+    reference.add_argument("--max-episode", type=int, default=200000, help="episodes to train")
+    reference.add_argument("--test-episode", type=int, default=1000, help="episodes in test mode")
+    reference.add_argument("--load", action="store_true", help="continue training from --load-model-dir")
+    reference.add_argument("--load-model-dir", nargs="*", default=[],
+                           help="run folder(s) to load (several for --mode plot)")
     run.add_argument("--output", default="output", help="folder that holds the run folders")
     run.add_argument("--device", default=None, help="tinygrad device, e.g. CPU or CUDA (default: tinygrad's choice)")
     run.add_argument("--beam", type=int, default=0,

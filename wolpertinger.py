@@ -84,7 +84,7 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
 
-REFERENCE, ADDED = "the reference's options", "options added to the reference's"
+REFERENCE, ADDED, RUN_CONTROL = "the reference's flags", "added flags", "run control"  # main.py -h's groups
 
 
 def option(default: Any, help: str, flag: str = "", valid: Range | None = None, choices: tuple = (),
@@ -145,9 +145,9 @@ class Options:
     eval_every: int = option(10, "evaluate without noise every N episodes (0: never)", valid=Range(0), group=ADDED)
     eval_episodes: int = option(5, "episodes per evaluation", valid=Range(1), group=ADDED)
     save_seconds: float = option(30.0, "save and plot at most this often (0: every save_per_epochs episodes, as the "
-                                       "reference)", valid=Range(0), group=ADDED)
+                                       "reference)", valid=Range(0), group=RUN_CONTROL)
     no_save_memory: bool = option(False, "leave the replay memory out of checkpoints (for huge memories)",
-                                  group=ADDED)
+                                  group=RUN_CONTROL)
 
     @classmethod
     def names(cls) -> list[str]:
