@@ -22,9 +22,10 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ import numpy as np
 
 from action_space import ActionSpace, action_set
 from ddpg import CHECKPOINT, DDPGConfig
+from feedback import Answer, Journal, Transition
 from memory import FIELDS, ReplayMemory
 from util import RunLog, TensorBoardLog, new_run_dir, plot_runs, read_tensors, save_tensors
 from wolp_agent import WolpertingerAgent
@@ -220,6 +222,13 @@ def parse_env_kwarg(item: str) -> tuple[str, Any]:
     return key, parse_value(text)
 
 
+def check_reward(reward: Any, name: str) -> None:
+    """ValueError naming `name` where `reward` is not a finite real number."""
+    if isinstance(reward, bool) or not isinstance(reward, (int, float, np.integer, np.floating)) or \
+            not math.isfinite(reward):
+        raise ValueError(f"{name} must be a finite number (got {reward!r})")
+
+
 def unflattenable(space: gym.Space) -> str | None:
     """The kind of the first part of an observation space that is not flattened to a vector, or None."""
     if isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple)):
@@ -365,6 +374,12 @@ class Resume:
     scalars: dict
 
 
+class Decision(NamedTuple):
+    """An action chosen by `Wolpertinger.decide`, and the id that its feedback quotes."""
+    id: str
+    action: Any         # the env action
+
+
 class Ranked(NamedTuple):
     """One of the candidates ranked by `Wolpertinger.rank`."""
     action_id: Any      # the action set's id: an int, or grid coordinates
@@ -438,6 +453,9 @@ class Wolpertinger:
         self.episode, self.env_steps, self.wall_seconds, self.best_eval = 0, 0, 0.0, -np.inf
         self.resume: Resume | None = None  # a loaded run's training state, taken up by the next `learn`
         self.run_dir: Path | None = None
+        self.journal: Journal | None = None  # decisions awaiting feedback, and the feedback received
+        # the last feedback row the replay memory holds: {"journal": its id, "seq": its number}, or None
+        self.journal_position: dict | None = None
 
     # --- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -520,6 +538,109 @@ class Wolpertinger:
                    for i, v in zip(row_ids, row_values)] for row_ids, row_values in zip(ids, values)]
         return ranked if batch else ranked[0]
 
+    # --- learning from feedback ------------------------------------------------------------------------------
+    def open_journal(self, folder: str | Path | None = None, *, feedback_wait: float | None = None,
+                     default_reward: float | None = None) -> None:
+        """Keep decisions and feedback in an SQLite journal in `folder` (made if missing), committed before
+        `decide` and `feedback` return; None keeps them in memory only. Feedback that the replay memory does not
+        hold yet (received after the checkpoint this agent was loaded from) is stored into it now, and decisions
+        still pending take late feedback. A decision left without feedback for `feedback_wait` seconds (None:
+        forever) expires: dropped, or with `default_reward` stored as a one-step episode of that reward."""
+        if feedback_wait is not None and not Range(0, low_open=True).holds(feedback_wait):
+            raise ValueError(f"feedback_wait must be a number of seconds above 0 or None (got {feedback_wait!r})")
+        if default_reward is not None:
+            check_reward(default_reward, "default_reward")
+        try:
+            journal = Journal(folder, feedback_wait, default_reward)
+        except (OSError, sqlite3.Error) as e:
+            raise ValueError(f"cannot open a journal in {folder}: {e}") from None
+        if self.journal is not None:
+            self.journal.close()
+        self.learn_setup()
+        self.journal, position = journal, self.journal_position
+        self._remember(journal.transitions_after(position["seq"] if position and position["journal"] == journal.id
+                                                 else 0))
+        self._remember(journal.expire())
+
+    def _journal(self) -> Journal:
+        """The open journal; an in-memory one if none was opened."""
+        if self.journal is None:
+            self.open_journal()
+        return self.journal
+
+    def _remember(self, transitions: list[Transition]) -> None:
+        """Store journal transitions in the replay memory, in order, and note the last one's row."""
+        for t in transitions:
+            self.memory.append(t.state, t.point, t.reward, t.next_state, t.terminated)
+            self.journal_position = {"journal": self.journal.id, "seq": t.seq}
+
+    def decide(self, obs, explore: bool = True) -> Decision | list[Decision]:
+        """Choose the action for an observation, to be answered by `feedback`; for a batch of observations one
+        `Decision(id, action)` each. `explore` adds the training noise, whose scale decays with each decision
+        made (as with each env step in `learn`). The decisions are in the journal before this returns."""
+        states, batch = self._states(obs)
+        journal = self._journal()
+        self._remember(journal.expire())
+        action_ids = self.agent.select_actions(states, explore)
+        ids = journal.record(states, action_ids, self.space.points(np.asarray(action_ids)))
+        decisions = [Decision(i, self.space.to_env(a)) for i, a in zip(ids, action_ids)]
+        return decisions if batch else decisions[0]
+
+    def feedback(self, decision_id: str, reward: float, next_obs=None, terminated: bool = False) -> None:
+        """Store the transition of a pending decision: its state, its action, `reward`, `next_obs` and
+        `terminated`, whenever it arrives. `next_obs` may be left out only where `terminated` (a one-step episode:
+        the next state is the state). ValueError, changing nothing, for a decision id that is unknown or already
+        answered or expired, a reward that is not a finite number, or a bad `next_obs`."""
+        self.feedback_many([{"decision_id": decision_id, "reward": reward, "next_obs": next_obs,
+                             "terminated": terminated}])
+
+    def feedback_many(self, items: Iterable[Mapping]) -> None:
+        """`feedback` for many decisions at once, each a dict of its arguments; all are stored or, on a
+        ValueError for any one, none."""
+        answers = [self._answer(**item) for item in items]
+        journal = self._journal()
+        self._remember(journal.expire())
+        self._remember(journal.answer(answers))
+
+    def _answer(self, decision_id: str, reward: float, next_obs=None, terminated: bool = False) -> Answer:
+        """Checked feedback for the journal."""
+        check_reward(reward, f"reward for decision_id {decision_id!r}")
+        if next_obs is None:
+            if not terminated:
+                raise ValueError(f"next_obs for decision_id {decision_id!r} is missing; it may be left out only "
+                                 "where terminated")
+            return Answer(decision_id, float(reward), None, True)
+        try:
+            states, batch = self._states(next_obs)
+        except ValueError as e:
+            raise ValueError(f"next_obs for decision_id {decision_id!r}: {e}") from None
+        if batch:
+            raise ValueError(f"next_obs for decision_id {decision_id!r} must be one observation, not a batch")
+        return Answer(decision_id, float(reward), states[0], bool(terminated))
+
+    def feedback_stats(self) -> dict[str, int]:
+        """Counts of the journal: decisions made, feedback received, expired_dropped, expired_defaulted, pending."""
+        journal = self._journal()
+        self._remember(journal.expire())
+        return journal.stats()
+
+    def update(self, n: int = 1) -> dict[str, float]:
+        """Run n DDPG updates on the replay memory; returns their mean critic_loss, actor_loss and mean_q.
+        ValueError where the memory holds fewer transitions than bsize or warmup; Diverged for a loss that is not
+        finite."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a whole number of updates, at least 1 (got {n!r})")
+        self.learn_setup()
+        needs = {"bsize": self.options.bsize, "warmup": self.options.warmup}
+        name = max(needs, key=needs.get)
+        if len(self.memory) < needs[name]:
+            raise ValueError(f"the replay memory holds {len(self.memory)} transitions; updates need at least "
+                             f"{name} = {needs[name]}")
+        losses = np.mean([self.agent.update(self.memory) for _ in range(n)], axis=0)
+        if not np.isfinite(losses).all():
+            raise Diverged(f"a loss is not finite: critic {losses[0]}, actor {losses[1]}")
+        return dict(zip(("critic_loss", "actor_loss", "mean_q"), map(float, losses)))
+
     # --- episodes --------------------------------------------------------------------------------------------
     def play_episode(self, seed: int | None = None, max_steps: int | None = None) -> float:
         """Play one training episode (at most max_steps, or max_episode_length, steps) with exploration, storing
@@ -585,6 +706,7 @@ class Wolpertinger:
         arrays, scalars = state
         if self.memory is not None and not self.options.no_save_memory:
             memory_arrays, scalars["memory"] = self.memory.state()
+            scalars["journal_position"] = self.journal_position  # so that a restart replays only the rows after
             arrays = arrays | {f"memory.{name}": array for name, array in memory_arrays.items()}
         save_tensors(folder / CHECKPOINT, arrays, scalars)
 
@@ -615,6 +737,7 @@ class Wolpertinger:
         self.agent.load_training_state(arrays, scalars)
         if scalars["memory"] is not None:
             self.memory.load_state({name: arrays[f"memory.{name}"] for name in FIELDS}, scalars["memory"])
+            self.journal_position = scalars.get("journal_position")
         self.env.unwrapped.np_random.bit_generator.state = scalars["env_rng"]
         self.eval_env.unwrapped.np_random.bit_generator.state = scalars["eval_env_rng"]
         self.episode, self.env_steps = scalars["episode"], scalars["env_steps"]
