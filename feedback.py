@@ -75,7 +75,7 @@ class Journal:
         else:
             Path(folder).mkdir(parents=True, exist_ok=True)
             path = str(Path(folder) / FILE)
-        self.folder, self.wait, self.default_reward = folder, wait, default_reward
+        self.wait, self.default_reward = wait, default_reward
         # autocommit off: each method is one transaction, committed before it returns
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode = WAL")
