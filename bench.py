@@ -11,6 +11,7 @@
     python bench.py choice RUN -- --env Recommender-v0 --k 1000   # where a recommender agent loses return
     python bench.py bounds RUN -- --env Configurator-v0 --k 10485   # what exact pruning of the k would still score
     python bench.py profile "MultiBinary(20)" --steps 30   # where a step's time goes (cProfile)
+    python bench.py act              # ms per agent.act call, one observation and batches, after 20,000 updates
 
 Speed, in steady state:
 Each configuration trains through the same loop as main.py (Wolpertinger's episodes, default replay memory).
@@ -28,10 +29,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
 import re
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +64,9 @@ CONFIGS = {
     "1M embedded items, k=1000": ["--env", "tests.toy_envs:EmbeddedItems1M-v0", "--k", "1000"],
 }
 DEFAULT_CONFIGS = ["CartPole", "Pendulum"]  # without --only: 20,000 updates of the others take hours on 2 cores
+# bench.py act: its configurations by default (k = 20,000 is Pendulum's default k), and timed calls per batch size
+ACT_CONFIGS = ["Pendulum-v0, 200000 actions, k=20000", "MultiBinary(20)", "1M embedded"]
+ACT_BATCHES = {1: 50, 64: 20, 1024: 5}
 PLAIN_FLAGS = ["--knn", "flann", "--scoring", "full"]  # the reference's way: FLANN, the whole critic per candidate
 # timed plain-path steps; a configuration missing here has no plain path (FLANN cannot index 2^40 actions)
 PLAIN_STEPS = {"CartPole-v1": 200, "Pendulum-v0, 200000 actions, k=2000": 20, "Pendulum-v0, 200000 actions, k=20000": 3,
@@ -162,21 +170,32 @@ def measure(argv: list[str], plain_argv: list[str], early_steps: int, updates: i
     return row
 
 
+def selected(only: list[str], default: list[str]) -> list[str]:
+    """The names of CONFIGS that contain one of the words `only` (case-insensitive), or one of `default`'s."""
+    return [name for name in CONFIGS if any(word.lower() in name.lower() for word in only or default)]
+
+
+def write_row(path: Path, header: dict, name: str, row: dict) -> Path:
+    """One benchmark row's result file, <path>.json: the header's fields and the row as configs[name]."""
+    out = path.with_name(path.name + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**header, "configs": {name: row}}, indent=2))
+    return out
+
+
 def speed(opts: argparse.Namespace) -> None:
     from tinygrad import Device
     results = {"cpu": cpu_model(), "machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}",
                "fast_path_beam": opts.beam, "updates_before_steady": opts.updates, "configs": {}}
-    for name, argv in CONFIGS.items():
-        if not any(word.lower() in name.lower() for word in opts.only or DEFAULT_CONFIGS):
-            continue
+    for name in selected(opts.only, DEFAULT_CONFIGS):
+        argv = CONFIGS[name]
         beam = ["--beam", str(opts.beam)] if opts.beam else []
         row = measure(argv + beam, PLAIN_FLAGS, opts.early_steps, opts.updates, opts.steps,
                       PLAIN_STEPS.get(name, 0) if opts.plain else 0)
         results["configs"][name] = row
         header = {key: value for key, value in results.items() if key != "configs"}
-        out = Path(opts.out) / f"{row_name(name, opts.updates, 'plain_steady' in row, opts.beam, Device.DEFAULT)}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**header, "configs": {name: row}}, indent=2))
+        out = write_row(Path(opts.out) / row_name(name, opts.updates, "plain_steady" in row, opts.beam, Device.DEFAULT),
+                        header, name, row)
         print(f"{name}: fast {row['fast_early']['ms_per_step']:.2f} ms/step early, "
               f"{row['fast_steady']['ms_per_step']:.2f} after {row['updates_before_steady']} updates"
               + (f", target search recall {row['target_search_recall_steady']:.3f}"
@@ -191,6 +210,71 @@ def speed(opts: argparse.Namespace) -> None:
         print(f"| {name} | {fmt(row, 'fast_early', '.2f')} | {fmt(row, 'fast_steady', '.2f')} | "
               f"{fmt(row, 'plain_early', '.1f')} | {fmt(row, 'plain_steady', '.1f')} | {speedup} | "
               f"{row['fast_steady']['peak_rss_mb']:.0f} | {row['subnormals_after_updates']} |")
+
+
+def observations(setup: Wolpertinger, n: int) -> np.ndarray:
+    """n observations of the agent's own noise-free play in its evaluation env, episodes from seeds 0, 1, ...
+    (the env's own observations where they are a Box, as in every configuration here)."""
+    env, seen = setup.eval_env, []
+    for seed in itertools.count():
+        obs, _ = env.reset(seed=seed)
+        while len(seen) < n:
+            seen.append(obs)
+            obs, _, terminated, truncated, _ = env.step(setup.act(obs))
+            if terminated or truncated:
+                break
+        if len(seen) == n:
+            return np.stack(seen)
+
+
+def timed_act(setup: Wolpertinger, obs: np.ndarray, batch: int, calls: int) -> dict:
+    """Milliseconds per noise-free `setup.act` call on one observation (batch 1) or a batch of them, each call on
+    the next observations of `obs`: the median over `calls` calls, after two that compile the batch size's graphs."""
+    inputs = [obs[i % len(obs)] if batch == 1 else obs[i * batch % len(obs):][:batch] for i in range(2 + calls)]
+    ms = []
+    for i, x in enumerate(inputs):
+        start = time.perf_counter()
+        setup.act(x)
+        if i >= 2:
+            ms.append(1e3 * (time.perf_counter() - start))
+    median = float(np.median(ms))
+    return {"ms_per_call": median, "observations_per_second": 1e3 * batch / median, "calls": calls,
+            "ms_min": min(ms), "ms_max": max(ms)}
+
+
+def commit() -> str:
+    """The checked-out commit's short hash, with "-dirty" where tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+    return git("rev-parse", "--short", "HEAD").stdout.strip() + ("-dirty" if dirty else "")
+
+
+def act(opts: argparse.Namespace) -> None:
+    """Speed of acting in steady state: per configuration, an agent trained through --updates updates, then
+    `agent.act` timed on one observation and on batches (ACT_BATCHES) of its own noise-free play's observations.
+    Writes docs/bench/act_<row>.json per configuration and prints a table."""
+    from tinygrad import Device
+    header = {"cpu": cpu_model(), "machine": f"{cpu_model()}, {os.cpu_count()} cores, tinygrad {Device.DEFAULT}",
+              "commit": commit(), "command": shlex.join(["python", "bench.py", *sys.argv[1:]])}
+    rows = {}
+    for name in selected(opts.only, ACT_CONFIGS):
+        args, setup, steps = fresh_run(CONFIGS[name], opts.updates)
+        obs = observations(setup, max(ACT_BATCHES))
+        row = rows[name] = {"flags": CONFIGS[name], "k": setup.k, "updates_before": steps - args.warmup,
+                            "load_average_before": os.getloadavg()[0],
+                            "batches": {str(batch): timed_act(setup, obs, batch, calls)
+                                        for batch, calls in ACT_BATCHES.items()}}
+        out = write_row(Path(opts.out) / f"act_{row_name(name, opts.updates, False, 0, Device.DEFAULT)}", header,
+                        name, row)
+        print(f"{name}: wrote {out}", flush=True)
+    print(f"\n{header['machine']}; commit {header['commit']}; {header['command']}")
+    print("| configuration | batch | ms per call | observations per second | updates before |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        for batch, figures in row["batches"].items():
+            print(f"| {name} | {batch} | {figures['ms_per_call']:.2f} | {figures['observations_per_second']:,.0f} | "
+                  f"{row['updates_before']} |")
 
 
 def window_mean(values: np.ndarray, first: int, last: int) -> float:
@@ -607,6 +691,12 @@ def main() -> None:
         parser.add_argument("--out", default=str(BENCH_DIR),
                             help="folder of the result files, one per configuration: <row>.json (default docs/bench)")
         parser.add_argument("--beam", type=int, default=0, help="BEAM width for the fast path (see main.py --beam)")
+    ap = sub.add_parser("act", help="ms per agent.act call, one observation and batches, after --updates updates")
+    ap.add_argument("--updates", type=int, default=20000, help="training updates before the timing")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="configurations whose name contains one of these (default: Pendulum-v0 with 200,000 actions "
+                         "and its default k, MultiBinary(20), 1M embedded items)")
+    ap.add_argument("--out", default=str(BENCH_DIR), help="folder of the result files, act_<row>.json (default docs/bench)")
     lp = sub.add_parser("learn", help="reward curves of several seeds, trained in parallel through sweep.py")
     lp.add_argument("--env", default="CartPole-v1")
     lp.add_argument("--episodes", type=int, default=300)
@@ -645,7 +735,7 @@ def main() -> None:
     pp.add_argument("--steps", type=int, default=50, help="profiled env steps, after the warm-up")
     pp.add_argument("--top", type=int, default=15, help="functions listed")
     opts = p.parse_args()
-    {"profile": profile, "bounds": bounds, "choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
+    {"act": act, "profile": profile, "bounds": bounds, "choice": choice, "optimum": optimum, "learn": learn, "knn": knn, "timeline": timeline, "flush": flush_cost}.get(opts.command, speed)(opts)
 
 
 if __name__ == "__main__":

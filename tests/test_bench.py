@@ -139,3 +139,20 @@ def test_profile_lists_where_a_step_goes_and_refuses_an_unknown_or_ambiguous_con
     assert "k=2000" in ambiguous.stderr and "k=20000" in ambiguous.stderr
     whole = run("Pendulum-v0, 200000 actions, k=2000", "--steps", "1", "--top", "1")  # also a part of k=20000's
     assert whole.returncode == 0 and "Pendulum-v0, 200000 actions, k=2000: " in whole.stdout, whole.stderr
+
+
+def test_act_times_one_observation_and_batches(tmp_path):
+    """bench.py act: a result file per configuration with the CPU, commit, command and updates done, and per batch
+    size (1, 64, 1,024) ms per call and observations per second."""
+    argv = ["bench.py", "act", "--only", "CartPole", "--updates", "10", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "act_cartpole_steady.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert saved["cpu"] and saved["commit"].startswith(head.strip()) and saved["command"] == "python " + " ".join(argv)
+    row = saved["configs"]["CartPole-v1"]
+    assert row["updates_before"] == 10 and row["k"] == 2 and list(row["batches"]) == ["1", "64", "1024"]
+    for batch, figures in row["batches"].items():
+        assert figures["ms_min"] <= figures["ms_per_call"] <= figures["ms_max"]
+        assert figures["observations_per_second"] == pytest.approx(1e3 * int(batch) / figures["ms_per_call"])
+    assert "| CartPole-v1 | 1024 |" in result.stdout
