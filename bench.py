@@ -424,13 +424,14 @@ def optimum(opts: argparse.Namespace) -> None:
     half of the run; a figure of the evaluations along training (left) and of both against the configurations
     (right); a table for the README. Several sweeps of the same env and flags (other grids, say one more k) are
     shown together. Writes optimum.json and optimum.png into the first sweep's folder."""
-    from main import make_env, parse_env_kwargs
+    from main import options_of
     from util import new_figure, write_atomically
+    from wolpertinger import make_env
     folders = [Path(f) for f in opts.sweeps]
     folder = folders[0]
     settings, rows = read_sweeps(folders)
     args = parse_args(["--env", settings["env"], *settings["main_flags"]])
-    env = make_env(args.env, parse_env_kwargs(args.env_kwargs)).unwrapped
+    env = make_env(args.env, options_of(args)["env_kwargs"]).unwrapped
     if not hasattr(env, "optimal_return"):
         raise SystemExit(f"error: {args.env} has no exact optimal_return (built-in envs of envs.py have)")
     optimal, random_fraction = env.optimal_return, env.random_return / env.optimal_return

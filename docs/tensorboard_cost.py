@@ -2,7 +2,7 @@
 
     python docs/tensorboard_cost.py [--env CartPole-v1] [--updates 3000] [--steps 1000] [--episodes 2000]
 
-Times, after --updates training updates: env steps of the training loop (main.run_episode, update included), the
+Times, after --updates training updates: env steps of the training loop (Wolpertinger.play_episode, update included), the
 per-update summing of (critic loss, actor loss, mean Q), and TensorBoardLog.episode with the real writer; the
 logging's share of a step is (episode logging / mean episode length + summing) / step time.
 """
@@ -12,11 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from main import build, parse_args, run_episode  # noqa: E402
-from memory import ReplayMemory  # noqa: E402
+from main import build, parse_args  # noqa: E402  (first: it sets the runtime's settings before numpy loads)
+
+import numpy as np  # noqa: E402
 from util import TensorBoardLog  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -27,16 +26,15 @@ p.add_argument("--episodes", type=int, default=2000, help="TensorBoardLog.episod
 opts = p.parse_args()
 setup = build(parse_args(["--env", opts.env, "--seed", "1", "--warmup", "128"]))
 agent = setup.agent
-memory = ReplayMemory(100000, agent.state_dim, agent.action_dim)
-step, episodes = 0, 0
-while step < opts.updates + 128:
-    _, step = run_episode(setup, setup.env, True, 1440, None, memory, 128, step)
-start, first, lengths = time.perf_counter(), step, []
-while step < first + opts.steps:
-    before = step
-    _, step = run_episode(setup, setup.env, True, 1440, None, memory, 128, step)
-    lengths.append(step - before)
-ms_step = 1e3 * (time.perf_counter() - start) / (step - first)
+setup.learn_setup()
+while setup.env_steps < opts.updates + 128:
+    setup.play_episode()
+start, first, lengths = time.perf_counter(), setup.env_steps, []
+while setup.env_steps < first + opts.steps:
+    before = setup.env_steps
+    setup.play_episode()
+    lengths.append(setup.env_steps - before)
+ms_step = 1e3 * (time.perf_counter() - start) / (setup.env_steps - first)
 stats = np.ones(3, np.float32)
 start = time.perf_counter()
 for _ in range(100000):
