@@ -13,6 +13,8 @@ from tinygrad import Device, Tensor, dtypes
 from tinygrad.renderer.cstyle import ClangRenderer
 from tinygrad.uop.ops import KernelInfo, Ops, UOp
 
+from runtime import read
+
 LANES = 16  # partial sums per candidate in the critic's scoring of candidates (see Critic._candidate_output)
 VECTOR = 16  # floats per vector in the C kernel of the candidates' arg-max (hidden2 padded to a multiple)
 
@@ -39,8 +41,9 @@ class FlatParams:
         return {name: self.view(name) for name in self.shapes}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The parameters as numpy arrays, by name (copied out once, no device kernel)."""
-        flat = self.flat.numpy()
+        """The parameters as numpy arrays, by name (copied out once, no device kernel; `read`, not Tensor.numpy:
+        a training loop takes this before every episode, 0.4 ms against 0.04 per network)."""
+        flat = read(self.flat)
         return {name: flat[lo:hi].reshape(self.shapes[name]) for name, (lo, hi) in self.offsets.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:

@@ -109,7 +109,9 @@ def read(tensor: Tensor) -> np.ndarray:
 
 def rng_state() -> dict:
     """tinygrad's random state: its seed and, per device, the seed tensor and the counter of numbers drawn."""
-    return {"seed": Tensor._seed, "devices": {device: [Tensor._device_seeds[device].tolist(), counter.tolist()]
+    # read, not Tensor.tolist: a training loop takes this before every episode (0.7 ms against 0.1)
+    return {"seed": Tensor._seed, "devices": {device: [read(Tensor._device_seeds[device].realize()).tolist(),
+                                                       read(counter.realize()).tolist()]
                                               for device, counter in Tensor._device_rng_counters.items()}}
 
 
