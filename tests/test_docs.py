@@ -71,6 +71,9 @@ def test_bench_files_are_named_as_bench_py_names_its_rows():
         (name, row), = result["configs"].items()
         assert name in CONFIGS, path.name
         device = result["machine"].rsplit("tinygrad ", 1)[1]
-        expected = row_name(name, result["updates_before_steady"], "plain_steady" in row, result["fast_path_beam"],
-                            device)
+        if "batches" in row:  # bench.py act's: act_<row>
+            expected = "act_" + row_name(name, row["updates_before"], False, 0, device)
+        else:
+            expected = row_name(name, result["updates_before_steady"], "plain_steady" in row,
+                                result["fast_path_beam"], device)
         assert path.stem == expected, f"{path.name} holds what bench.py would write to {expected}.json"
