@@ -11,10 +11,10 @@ SHORT = dict(max_episode_length=20, warmup=10, eval_every=2, eval_episodes=1, se
 RUNS = {  # env id, its instance, options, episodes (enough for updates after the warm-up)
     "CartPole-v1": ("CartPole-v1", lambda: gym.make("CartPole-v1"), {}, 2),
     "Pendulum-v0": ("Pendulum-v0", lambda: gym.make("Pendulum-v1"), {"max_actions": 200000}, 2),
-    "Recommender-v0": ("Recommender-v0", lambda: gym.make("Recommender-v0", n_items=2000),
-                       {"env_kwargs": {"n_items": 2000}}, 8),
-    "Configurator-v0": ("Configurator-v0", lambda: gym.make("Configurator-v0", n_choices=12),
-                        {"env_kwargs": {"n_choices": 12}}, 14),
+    "Recommender-v0": ("Recommender-v0", lambda: gym.make("Recommender-v0", n_items=500),
+                       {"env_kwargs": {"n_items": 500}}, 8),
+    "Configurator-v0": ("Configurator-v0", lambda: gym.make("Configurator-v0", n_choices=8),
+                        {"env_kwargs": {"n_choices": 8}}, 14),
 }
 
 
