@@ -452,7 +452,6 @@ class Wolpertinger:
         self.memory: ReplayMemory | None = None
         self.episode, self.env_steps, self.wall_seconds, self.best_eval = 0, 0, 0.0, -np.inf
         self.resume: Resume | None = None  # a loaded run's training state, taken up by the next `learn`
-        self.run_dir: Path | None = None
         self.journal: Journal | None = None  # decisions awaiting feedback, and the feedback received
         # the last feedback row the replay memory holds: {"journal": its id, "seq": its number}, or None
         self.journal_position: dict | None = None
@@ -783,7 +782,6 @@ class Wolpertinger:
                     raise ValueError(f"{folder} already holds files; give an empty or new folder")
         except OSError as e:
             raise ValueError(f"cannot create a run folder in {run_dir or output}: {e.strerror or e}") from None
-        self.run_dir = folder
         return folder
 
     def _learn(self, episodes: int, steps: int | None, run_dir: Path, callback, stop: StopRequest,
