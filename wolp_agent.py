@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad.dtype import DType
 
 from action_space import ROW_DTYPE, ActionSpace, GridActionSpace, PointMap
 from ddpg import DDPG, DDPGConfig

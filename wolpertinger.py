@@ -12,7 +12,7 @@ The options carry the command line's names and defaults (`Options`); main.py is 
 """
 from __future__ import annotations
 
-import runtime  # noqa: F401  (first: the runtime's process-wide settings)
+import runtime  # first: the runtime's process-wide settings, before numpy and tinygrad load
 
 import contextlib
 import copy
@@ -37,7 +37,7 @@ from action_space import ActionSpace, action_set
 from ddpg import CHECKPOINT, DDPGConfig
 from feedback import Answer, Journal, Transition
 from memory import FIELDS, ReplayMemory
-from util import RunLog, TensorBoardLog, new_run_dir, plot_runs, read_tensors, save_tensors
+from util import RunLog, TensorBoardLog, new_run_dir, plot_runs, read_tensors, save_tensors, usable_cores
 from wolp_agent import WolpertingerAgent
 
 RENAMED_ENVS = {"Pendulum-v0": "Pendulum-v1"}  # gym ids that gymnasium has renamed
@@ -443,7 +443,6 @@ class Wolpertinger:
                          tau=options.tau_update, batch_size=options.bsize, ou_theta=options.ou_theta,
                          ou_sigma=options.ou_sigma, ou_mu=options.ou_mu, epsilon=options.epsilon,
                          choice_pull=options.choice_pull, c_lr_end=options.c_lr_end)
-        from util import usable_cores
         usable_cores()  # a bad $WOLPERTINGER_CORES fails here, in one line, not in the first search
         self.agent = WolpertingerAgent(int(np.prod(self.env.observation_space.shape)), self.space, self.k, cfg, rng,
                                        scoring=options.scoring, random_candidate=options.random_candidate)
@@ -786,8 +785,6 @@ class Wolpertinger:
 
     def _learn(self, episodes: int, steps: int | None, run_dir: Path, callback, stop: StopRequest,
                arguments: dict | None) -> Path:
-        from tqdm import tqdm
-
         parent = self.resume.parent if self.resume is not None else None
         print(f"run folder: {run_dir}" + ("" if parent is None else f", continuing {parent}"))
         if message := self.space.save_index(run_dir):
@@ -831,7 +828,7 @@ class Wolpertinger:
             best = "; best/ untouched" if (run_dir / "best").is_dir() else ""
             return TrainingFailed(f"{message}; last complete checkpoint: {kept}{best}")
 
-        bar: tqdm = progress(episodes)
+        bar = progress(episodes)
         bar.update(first)
         episode = first
         try:
